@@ -1,0 +1,88 @@
+"""Pieces shared by every norm layer: argument checks, the per-channel affine map,
+empty-input handling and the training-step counter."""
+import math
+
+import torch
+from torch import nn
+
+
+def check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(name, value, low, high, low_open=False, high_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+    return float(value)
+
+
+def stat_dtype(module):
+    """Statistics are computed in float32, or float64 when the module itself is float64."""
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            return torch.float64 if buf.dtype == torch.float64 else torch.float32
+    return torch.float32
+
+
+def channel_affine(x, scale, shift):
+    """x * scale + shift with per-channel (length C) scale and shift, in x's dtype, one pass."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
+
+def empty_output(x, weight, bias, *other_params):
+    """Output for an input with no elements: empty, but connected to the layer's parameters so
+    that they receive (zero) gradients, as DDP expects from every parameter."""
+    out = x.clone() if weight is None else channel_affine(x, weight, bias)
+    for p in other_params:
+        out = out + 0.0 * p.sum()
+    return out
+
+
+class StepCounter(nn.Module):
+    """Base for layers whose behaviour depends on the training step (burn-in, warmup, windows).
+
+    The step is a Python int, so branches on it cost no host sync, mirrored into the buffer
+    ``num_steps`` so that checkpoints carry it. A trainer may drive it with ``set_iteration(i)``
+    before each step; once driven, a second training call within one iteration is an error,
+    because it would advance the layer's window or ring buffer twice.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self._steps = 0
+        self._driven = False
+        self._step_pending = False
+
+    def set_iteration(self, iteration):
+        """Declares that the next training forward is the trainer's iteration ``iteration`` (0-based)."""
+        self._steps = check_int("iteration", int(iteration), 0)
+        self._driven = True
+        self._step_pending = True
+
+    def _begin_step(self):
+        if self._driven and not self._step_pending:
+            raise RuntimeError(
+                f"{type(self).__name__} was called twice in training iteration {self._steps - 1}. "
+                "Each instance keeps per-iteration state (window or ring buffer), so a module shared "
+                "between several inputs (e.g. one head applied to every FPN level) must use one "
+                "norm instance per call site."
+            )
+        return self._steps
+
+    def _end_step(self):
+        self._steps += 1
+        self._step_pending = False
+        self.num_steps.fill_(self._steps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps = int(self.num_steps)  # reading the buffer once at load time is fine
+        self._step_pending = False

@@ -1,0 +1,120 @@
+"""Micro-batch Batch-Channel Normalization (BCN+WS paper, Algorithm 1, eq. 40-42).
+
+Running estimates mu_hat, var_hat (buffers ``running_mean``, ``running_var``; start at 0 and 1 or
+at a pretrained BN's statistics). Each training step, per channel:
+
+    1. m_b = mean(x),  v_b = mean((x - mu_hat_old)^2)           (variance about the OLD estimate)
+    2. mu_hat  <- mu_hat  + r * (m_b - mu_hat)
+       var_hat <- var_hat + r * (v_b - var_hat)
+    3. x' = gamma_c * (x - mu_hat) / sqrt(var_hat + eps) + beta_c   (UPDATED estimates, constants)
+    4. out = GN(x'; G groups, eps) * gamma_g + beta_g              (per-GROUP affine, eq. 42)
+
+r is the update rate: the current learning rate, set by the trainer with ``set_update_rate``.
+A layer that trains with rate 0 would silently be GN plus a fixed affine, so it warns once.
+Step 3 is a per-channel affine map in eval, foldable into the conv; step 4 is not.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import channel_affine, check_int, check_float, empty_output, stat_dtype
+
+
+def group_norm_per_group_affine(x, num_groups, group_weight, group_bias, eps):
+    """Group normalization with one scale and shift per group (length G), statistics in fp32."""
+    per_channel = x.shape[1] // num_groups
+    out = F.group_norm(x.to(torch.promote_types(x.dtype, torch.float32)), num_groups,
+                       group_weight.repeat_interleave(per_channel), group_bias.repeat_interleave(per_channel), eps)
+    return out.to(x.dtype)
+
+
+class GroupNormPerGroupAffine(nn.Module):
+    """Step 4 of BCN on its own: what remains of a BCN layer once its batch part is folded."""
+
+    def __init__(self, num_channels, num_groups=32, eps=1e-5):
+        super().__init__()
+        _check_groups(num_channels, num_groups)
+        self.num_channels, self.num_groups = num_channels, num_groups
+        self.eps = check_float("eps", eps, 0.0, float("inf"), low_open=True)
+        self.weight = nn.Parameter(torch.ones(num_groups))
+        self.bias = nn.Parameter(torch.zeros(num_groups))
+
+    def forward(self, x):
+        return group_norm_per_group_affine(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _check_groups(num_channels, num_groups):
+    check_int("num_features", num_channels, 1)
+    check_int("num_groups", num_groups, 1)
+    if num_channels % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the number of channels {num_channels}")
+
+
+class BatchChannelNorm2d(nn.Module):
+    """Micro-batch BCN. Parameters: per-channel ``weight``/``bias`` (batch part, length C) and
+    per-group ``group_weight``/``group_bias`` (group part, length G)."""
+
+    def __init__(self, num_features, num_groups=32, eps=1e-5):
+        super().__init__()
+        _check_groups(num_features, num_groups)
+        self.num_features, self.num_groups = num_features, num_groups
+        self.eps = check_float("eps", eps, 0.0, float("inf"), low_open=True)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.group_weight = nn.Parameter(torch.ones(num_groups))
+        self.group_bias = nn.Parameter(torch.zeros(num_groups))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("update_rate", torch.zeros(()))
+        self._rate_is_zero = True  # known on the host without reading the buffer
+
+    def set_update_rate(self, rate):
+        """Sets r, a float or a 0-dim tensor (e.g. one shared LR tensor); no host sync."""
+        if torch.is_tensor(rate):
+            if rate.dim() != 0:
+                raise ValueError(f"update rate must be a 0-dim tensor, got shape {tuple(rate.shape)}")
+            self.update_rate.copy_(rate.detach(), non_blocking=True)
+            self._rate_is_zero = False
+        else:
+            rate = check_float("update rate", rate, 0.0, 1.0)
+            self.update_rate.fill_(rate)
+            self._rate_is_zero = rate == 0.0
+
+    def forward(self, x):
+        if self.training and x.numel() > 0:
+            if self._rate_is_zero:
+                warnings.warn("BatchChannelNorm2d is training with update rate 0: its running estimates "
+                              "never move and it degenerates to GroupNorm plus a fixed affine. Set the rate "
+                              "each iteration with set_update_rate(lr) (d2_smallbn's trainer hook does).",
+                              stacklevel=2)
+                self._rate_is_zero = False  # warn once per layer
+            self._update_estimates(x)
+        if x.numel() == 0:
+            return empty_output(x, self.weight, self.bias, self.group_weight, self.group_bias)
+        scale, shift = self.eval_scale_shift()
+        return group_norm_per_group_affine(channel_affine(x, scale, shift), self.num_groups,
+                                           self.group_weight, self.group_bias, self.eps)
+
+    @torch.no_grad()
+    def _update_estimates(self, x):
+        var_b, mean_b = torch.var_mean(x.to(stat_dtype(self)), dim=(0, 2, 3), correction=0)
+        shifted_var = var_b + (mean_b - self.running_mean).square_()
+        self.running_var.add_(self.update_rate * (shifted_var - self.running_var))
+        self.running_mean.add_(self.update_rate * (mean_b - self.running_mean))
+
+    def eval_scale_shift(self):
+        """The batch part (step 3) as per-channel (scale, shift); the estimates are constants."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean.clone() * scale
+
+    def group_part(self):
+        """A standalone module for step 4, sharing nothing with this layer (for folding)."""
+        part = GroupNormPerGroupAffine(self.num_features, self.num_groups, self.eps)
+        part.weight.data.copy_(self.group_weight.detach())
+        part.bias.data.copy_(self.group_bias.detach())
+        return part.to(self.group_weight.device)
+
+    def extra_repr(self):
+        return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}"

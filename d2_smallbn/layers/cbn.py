@@ -1,0 +1,208 @@
+"""Cross-Iteration Batch Normalization (CBN paper, eq. 7-8; appendix Algorithm 1 and eq. 13-15).
+
+At iteration t a CBN layer after a bias-free conv with weight W has the current statistics
+mu_t = mean(y), nu_t = mean(y^2) over N*H*W, and stored entries of the previous k-1 iterations.
+Each entry is compensated to the current weight with a first-order Taylor step (eq. 7-8):
+
+    mu_{t-tau}(W_t) = mu_{t-tau} + rho * <d mu_{t-tau}/dW, W_t - W_{t-tau}>   (per output channel)
+
+and likewise nu. Then (Algorithm 1, lines 6-10):
+
+    mu_bar  = mean_tau mu_{t-tau}(W_t)
+    nu_bar  = mean_tau max(nu_{t-tau}(W_t), mu_{t-tau}(W_t)^2)
+    var_bar = max(nu_bar - mu_bar^2, 0)
+    out     = gamma * (y - mu_bar) / sqrt(var_bar + eps) + beta
+
+Gradients flow only through the current mu_t, nu_t and y. The Jacobians are block-diagonal
+(appendix B): d mu_j/dW[j] is the mean input patch (one per conv group) and
+d nu_j/dW[j] = (2/M) sum_i y_ij patch_i, one weight-gradient convolution of x with 2y/M.
+
+Storage trick: <d, W_t - W_old> = <d, W_t> - <d, W_old>, and <d, W_old> is known when the entry
+is stored, so the history keeps that projection instead of the old weight.
+
+Burn-in: while the iteration is below ``burnin_iters`` the window is 1 and the layer is exactly
+BN. After it, the history fills one entry per iteration up to k-1 entries, oldest dropped first.
+Eval uses an EMA (``momentum``) of the statistics used in training, like BN, and can be folded.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_weight
+
+from ._common import StepCounter, channel_affine, check_float, check_int, empty_output, stat_dtype
+from .conv import NormActConv2d
+
+_HISTORY = ("hist_mean", "hist_sqmean", "hist_mean_proj", "hist_sqmean_proj", "hist_dmean", "hist_dsqmean")
+
+
+class CrossIterationBatchNorm2d(StepCounter):
+    """CBN over a window of ``window_size`` iterations (the paper's k, counting the current one).
+
+    Args:
+        num_features: channels C.
+        window_size: k; the paper suggests k * images_per_gpu ~= 16.
+        burnin_iters: iterations (trainer's, 0-based) during which CBN is plain BN.
+        rho: weight of the Taylor compensation; 0 gives the paper's "Naive CBN".
+        eps, momentum, affine: as in ``torch.nn.BatchNorm2d``.
+
+    The layer needs the conv that produces its input; build it inside ``CBNConv2d``.
+    """
+
+    def __init__(self, num_features, window_size=4, burnin_iters=0, rho=1.0, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__()
+        self.num_features = check_int("num_features", num_features, 1)
+        self.window_size = check_int("window_size", window_size, 1)
+        self.burnin_iters = check_int("burnin_iters", burnin_iters, 0)
+        self.rho = check_float("rho", rho, 0.0, float("inf"))
+        self.eps = check_float("eps", eps, 0.0, float("inf"), low_open=True)
+        self.momentum = check_float("momentum", momentum, 0.0, 1.0, low_open=True)
+        self.affine = bool(affine)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_stored", torch.zeros((), dtype=torch.long))
+        self._num_stored = 0
+        self._conv_shape = None
+
+    # ---- history ------------------------------------------------------------------------
+
+    def attach(self, conv_weight_shape, groups=1):
+        """Allocates the history for a conv of weight shape [C, Cin/groups, kh, kw]."""
+        cout, cin_g, kh, kw = conv_weight_shape
+        if cout != self.num_features:
+            raise ValueError(f"CBN has {self.num_features} features but the conv has {cout} output channels")
+        self._conv_shape = (tuple(conv_weight_shape), groups)
+        slots, dev = self.window_size - 1, self.running_mean.device
+        shapes = {
+            "hist_mean": (slots, cout), "hist_sqmean": (slots, cout),
+            "hist_mean_proj": (slots, cout), "hist_sqmean_proj": (slots, cout),
+            "hist_dmean": (slots, groups, cin_g, kh, kw), "hist_dsqmean": (slots, cout, cin_g, kh, kw),
+        }
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, device=dev, dtype=self.running_mean.dtype))
+
+    @property
+    def history_length(self):
+        """Number of stored past iterations (at most window_size - 1)."""
+        return min(self._num_stored, self.window_size - 1)
+
+    def compensated_history(self, weight):
+        """The stored (mu, nu) of the past iterations, compensated to ``weight``: two [n, C] tensors."""
+        n = self.history_length
+        w = weight.detach().to(self.hist_mean.dtype)
+        (cout, cin_g, kh, kw), groups = self._conv_shape
+        mean_now = torch.einsum("ngk,gok->ngo", self.hist_dmean[:n].reshape(n, groups, -1),
+                                w.reshape(groups, cout // groups, -1)).reshape(n, cout)
+        sqmean_now = torch.einsum("nok,ok->no", self.hist_dsqmean[:n].reshape(n, cout, -1), w.reshape(cout, -1))
+        mean = self.hist_mean[:n] + self.rho * (mean_now - self.hist_mean_proj[:n])
+        sqmean = self.hist_sqmean[:n] + self.rho * (sqmean_now - self.hist_sqmean_proj[:n])
+        return mean, sqmean
+
+    @torch.no_grad()
+    def _store(self, x, y, conv, mean, sqmean):
+        dtype = self.hist_mean.dtype
+        n, _, h, w_ = y.shape
+        m = n * h * w_
+        (cout, cin_g, kh, kw), groups = self._conv_shape
+        args = (conv.stride, conv.padding, conv.dilation)
+        x = x.to(y.dtype)
+        dsqmean = conv2d_weight(x, conv.weight.shape, y * (2.0 / m), *args, groups).to(dtype)
+        ones = y.new_full((n, groups, h, w_), 1.0 / m)
+        dmean = conv2d_weight(x, (groups, cin_g, kh, kw), ones, *args, groups).to(dtype)
+        wt = conv.weight.detach().to(dtype)
+        slot = self._num_stored % (self.window_size - 1)
+        self.hist_mean[slot] = mean
+        self.hist_sqmean[slot] = sqmean
+        self.hist_dmean[slot] = dmean
+        self.hist_dsqmean[slot] = dsqmean
+        self.hist_mean_proj[slot] = torch.einsum(
+            "gk,gok->go", dmean.reshape(groups, -1), wt.reshape(groups, cout // groups, -1)).reshape(cout)
+        self.hist_sqmean_proj[slot] = torch.einsum("ok,ok->o", dsqmean.reshape(cout, -1), wt.reshape(cout, -1))
+        self._num_stored += 1
+        self.num_stored.fill_(self._num_stored)
+
+    def reset_history(self):
+        self._num_stored = 0
+        self.num_stored.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._num_stored = int(self.num_stored)
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(self, y, x=None, conv=None):
+        if not self.training:
+            scale, shift = self.eval_scale_shift()
+            return channel_affine(y, scale, shift)
+        if y.numel() == 0:
+            return empty_output(y, self.weight, self.bias)
+        step = self._begin_step()
+        in_window = self.window_size > 1 and step >= self.burnin_iters
+        if in_window and (conv is None or x is None or self._conv_shape is None):
+            raise RuntimeError("CrossIterationBatchNorm2d with window_size > 1 needs the conv's input and "
+                               "weight: build it as CBNConv2d(..., norm=CrossIterationBatchNorm2d(...))")
+        var, mean = torch.var_mean(y.to(stat_dtype(self)), dim=(0, 2, 3), correction=0)
+        sqmean = var + mean * mean
+        n = self.history_length if in_window else 0
+        if n > 0:
+            hist_mean, hist_sqmean = self.compensated_history(conv.weight)
+            mean_w = (mean + hist_mean.sum(0)) / (n + 1)
+            sqmean_w = (sqmean + torch.maximum(hist_sqmean, hist_mean * hist_mean).sum(0)) / (n + 1)
+            var_w = (sqmean_w - mean_w * mean_w).clamp_min(0.0)
+        else:
+            mean_w, var_w = mean, var
+        scale = torch.rsqrt(var_w + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -mean_w * scale if self.bias is None else self.bias - mean_w * scale
+        with torch.no_grad():
+            self.running_mean.lerp_(mean_w.detach(), self.momentum)
+            self.running_var.lerp_(var_w.detach(), self.momentum)
+            if in_window:
+                self._store(x, y, conv, mean.detach(), sqmean.detach())
+        self._end_step()
+        return channel_affine(y, scale, shift)
+
+    def eval_scale_shift(self):
+        """Per-channel (scale, shift) with eval(y) = y * scale + shift."""
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.affine:
+            shift = shift + self.bias
+        return scale, shift
+
+    def extra_repr(self):
+        return (f"{self.num_features}, window_size={self.window_size}, burnin_iters={self.burnin_iters}, "
+                f"rho={self.rho}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}")
+
+
+class CBNConv2d(NormActConv2d):
+    """Conv2d whose ``norm`` may be a ``CrossIterationBatchNorm2d``; that norm receives the
+    conv's input and weight. Arguments are ``torch.nn.Conv2d``'s plus ``norm`` and ``activation``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, norm=None, activation=None, **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, norm=norm, activation=activation, **kwargs)
+        if isinstance(norm, CrossIterationBatchNorm2d):
+            if bias:
+                raise ValueError("CBNConv2d: bias=True with a CrossIterationBatchNorm2d norm is not supported; "
+                                 "the bias is cancelled by the normalization anyway, so pass bias=False")
+            if self.padding_mode != "zeros":
+                raise ValueError("CBNConv2d with a CrossIterationBatchNorm2d norm supports only "
+                                 f"padding_mode='zeros', got {self.padding_mode!r}")
+            norm.attach(self.weight.shape, self.groups)
+
+    def apply_norm(self, y, x):
+        if isinstance(self.norm, CrossIterationBatchNorm2d):
+            return self.norm(y, x, self)
+        return self.norm(y)

@@ -1,0 +1,62 @@
+"""Weight Standardization (BCN+WS paper, eq. 5-7).
+
+    W_hat[o] = (W[o] - mean(W[o])) / (std(W[o]) + eps)      ws_mode="std" (released checkpoints)
+    W_hat[o] = (W[o] - mean(W[o])) / sqrt(var(W[o]) + eps)  ws_mode="var" (paper eq. 7)
+
+mean/std/var are taken per output filter over (in/groups, kh, kw); "std" is the unbiased
+standard deviation, "var" the biased variance. There is no affine and the bias is untouched.
+The choice must match the checkpoint being loaded.
+"""
+import torch
+
+from ._common import check_float
+from .conv import NormActConv2d
+
+WS_MODES = ("std", "var")
+
+
+def standardize_weight(weight, eps=1e-5, mode="std"):
+    flat = weight.flatten(1)
+    if mode == "std":
+        std, mean = torch.std_mean(flat, dim=1, keepdim=True)
+        flat = (flat - mean) / (std + eps)
+    elif mode == "var":
+        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+        flat = (flat - mean) * torch.rsqrt(var + eps)
+    else:
+        raise ValueError(f"ws_mode must be one of {WS_MODES}, got {mode!r}")
+    return flat.view_as(weight)
+
+
+class WSConv2d(NormActConv2d):
+    """Conv2d with weight standardization; same arguments as ``torch.nn.Conv2d`` plus
+    ``norm``, ``activation``, ``ws_eps`` and ``ws_mode``.
+
+    In eval mode without autograd the standardized weight is computed once and cached until
+    the weight changes.
+    """
+
+    def __init__(self, *args, ws_eps=1e-5, ws_mode="std", **kwargs):
+        super().__init__(*args, **kwargs)
+        if ws_mode not in WS_MODES:
+            raise ValueError(f"ws_mode must be one of {WS_MODES} ('std': released checkpoints, "
+                             f"'var': paper eq. 7), got {ws_mode!r}")
+        self.ws_eps = check_float("ws_eps", ws_eps, 0.0, float("inf"), low_open=True)
+        self.ws_mode = ws_mode
+        fan_in = self.weight[0].numel()
+        if ws_mode == "std" and fan_in < 2:
+            raise ValueError(f"WSConv2d with ws_mode='std' needs at least 2 weights per filter "
+                             f"(unbiased std), got fan-in {fan_in}; use ws_mode='var'")
+        self._cache = None
+
+    def effective_weight(self):
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            return standardize_weight(self.weight, self.ws_eps, self.ws_mode)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, standardize_weight(self.weight, self.ws_eps, self.ws_mode))
+        return self._cache[1]
+
+    def extra_repr(self):
+        return super().extra_repr() + f", ws_eps={self.ws_eps}, ws_mode={self.ws_mode!r}"
