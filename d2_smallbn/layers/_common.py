@@ -30,6 +30,12 @@ def stat_dtype(module):
     return torch.float32
 
 
+def full_precision(tensor):
+    """Context that turns autocast off on ``tensor``'s device: matmuls on statistics (einsum,
+    projections) must not drop to fp16."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def channel_affine(x, scale, shift):
     """x * scale + shift with per-channel (length C) scale and shift, in x's dtype, one pass."""
     shape = (1, -1) + (1,) * (x.dim() - 2)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from ._common import StepCounter, channel_affine, check_float, check_int, empty_output, stat_dtype
+from ._common import (StepCounter, channel_affine, check_float, check_int, empty_output, full_precision,
+                      stat_dtype)
 from .conv import NormActConv2d
 
 _HISTORY = ("hist_mean", "hist_sqmean", "hist_mean_proj", "hist_sqmean_proj", "hist_dmean", "hist_dsqmean")
@@ -93,8 +94,11 @@ class CrossIterationBatchNorm2d(StepCounter):
 
     def compensated_history(self, weight):
         """The stored (mu, nu) of the past iterations, compensated to ``weight``: two [n, C] tensors."""
+        with full_precision(weight):
+            return self._compensated_history(weight.detach().to(self.hist_mean.dtype))
+
+    def _compensated_history(self, w):
         n = self.history_length
-        w = weight.detach().to(self.hist_mean.dtype)
         (cout, cin_g, kh, kw), groups = self._conv_shape
         mean_now = torch.einsum("ngk,gok->ngo", self.hist_dmean[:n].reshape(n, groups, -1),
                                 w.reshape(groups, cout // groups, -1)).reshape(n, cout)
@@ -105,15 +109,20 @@ class CrossIterationBatchNorm2d(StepCounter):
 
     @torch.no_grad()
     def _store(self, x, y, conv, mean, sqmean):
+        with full_precision(y):
+            self._store_entry(x, y, conv, mean, sqmean)
+
+    def _store_entry(self, x, y, conv, mean, sqmean):
         dtype = self.hist_mean.dtype
         n, _, h, w_ = y.shape
         m = n * h * w_
         (cout, cin_g, kh, kw), groups = self._conv_shape
         args = (conv.stride, conv.padding, conv.dilation)
-        x = x.to(y.dtype)
-        dsqmean = conv2d_weight(x, conv.weight.shape, y * (2.0 / m), *args, groups).to(dtype)
+        # in the statistics dtype: an fp16 weight gradient overflows (and would poison the history)
+        x, y = x.to(dtype), y.to(dtype)
+        dsqmean = conv2d_weight(x, conv.weight.shape, y * (2.0 / m), *args, groups)
         ones = y.new_full((n, groups, h, w_), 1.0 / m)
-        dmean = conv2d_weight(x, (groups, cin_g, kh, kw), ones, *args, groups).to(dtype)
+        dmean = conv2d_weight(x, (groups, cin_g, kh, kw), ones, *args, groups)
         wt = conv.weight.detach().to(dtype)
         slot = self._num_stored % (self.window_size - 1)
         self.hist_mean[slot] = mean

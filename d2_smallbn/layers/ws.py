@@ -32,8 +32,8 @@ class WSConv2d(NormActConv2d):
     """Conv2d with weight standardization; same arguments as ``torch.nn.Conv2d`` plus
     ``norm``, ``activation``, ``ws_eps`` and ``ws_mode``.
 
-    In eval mode without autograd the standardized weight is computed once and cached until
-    the weight changes.
+    The standardized weight is recomputed every call (a weight-sized op, negligible next to the
+    convolution); for deployment ``fold_conv_norm`` bakes it into a plain conv once.
     """
 
     def __init__(self, *args, ws_eps=1e-5, ws_mode="std", **kwargs):
@@ -47,16 +47,9 @@ class WSConv2d(NormActConv2d):
         if ws_mode == "std" and fan_in < 2:
             raise ValueError(f"WSConv2d with ws_mode='std' needs at least 2 weights per filter "
                              f"(unbiased std), got fan-in {fan_in}; use ws_mode='var'")
-        self._cache = None
 
     def effective_weight(self):
-        if self.training or torch.is_grad_enabled():
-            self._cache = None
-            return standardize_weight(self.weight, self.ws_eps, self.ws_mode)
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, standardize_weight(self.weight, self.ws_eps, self.ws_mode))
-        return self._cache[1]
+        return standardize_weight(self.weight, self.ws_eps, self.ws_mode)
 
     def extra_repr(self):
         return super().extra_repr() + f", ws_eps={self.ws_eps}, ws_mode={self.ws_mode!r}"

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
+                               MovingAverageBatchNorm2d, WSConv2d)
+
+
+def build_layer(kind, cin=4, cout=8):
+    """A conv + norm block of each method, with small windows so that a few steps reach the
+    steady-state regime (window full, moving averages and clipping active)."""
+    if kind == "cbn":
+        return CBNConv2d(cin, cout, 3, padding=1, norm=CrossIterationBatchNorm2d(cout, window_size=3, burnin_iters=1))
+    if kind == "mabn":
+        norm = MovingAverageBatchNorm2d(cout, buffer_size=2, warmup_iters=2, clip_warmup_iters=3)
+        return CenteredConv2d(cin, cout, 3, padding=1, norm=norm)
+    if kind == "bcn":
+        layer = WSConv2d(cin, cout, 3, padding=1, norm=BatchChannelNorm2d(cout, num_groups=4))
+        layer.norm.set_update_rate(0.1)
+        return layer
+    raise ValueError(kind)
+
+
+KINDS = ("cbn", "mabn", "bcn")
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
