@@ -51,7 +51,26 @@ def empty_output(x, weight, bias, *other_params):
     return out
 
 
-class StepCounter(nn.Module):
+class NormBase(nn.Module):
+    """Adds freezing: a frozen norm behaves as in eval (no statistics, no state change) even in
+    training mode, and its affine parameters stop receiving gradients, the same as FrozenBN."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = False
+
+    def freeze(self):
+        self.frozen = True
+        self.requires_grad_(False)
+        return self
+
+    @property
+    def uses_batch(self):
+        """True when this forward computes batch statistics and updates state."""
+        return self.training and not self.frozen
+
+
+class StepCounter(NormBase):
     """Base for layers whose behaviour depends on the training step (burn-in, warmup, windows).
 
     The step is a Python int, so branches on it cost no host sync, mirrored into the buffer

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import channel_affine, check_int, check_float, empty_output, stat_dtype
+from ._common import NormBase, channel_affine, check_float, check_int, empty_output, stat_dtype
 
 
 def group_norm_per_group_affine(x, num_groups, group_weight, group_bias, eps):
@@ -52,7 +52,7 @@ def _check_groups(num_channels, num_groups):
         raise ValueError(f"num_groups={num_groups} must divide the number of channels {num_channels}")
 
 
-class BatchChannelNorm2d(nn.Module):
+class BatchChannelNorm2d(NormBase):
     """Micro-batch BCN. Parameters: per-channel ``weight``/``bias`` (batch part, length C) and
     per-group ``group_weight``/``group_bias`` (group part, length G)."""
 
@@ -83,7 +83,7 @@ class BatchChannelNorm2d(nn.Module):
             self._rate_is_zero = rate == 0.0
 
     def forward(self, x):
-        if self.training and x.numel() > 0:
+        if self.uses_batch and x.numel() > 0:
             if self._rate_is_zero:
                 warnings.warn("BatchChannelNorm2d is training with update rate 0: its running estimates "
                               "never move and it degenerates to GroupNorm plus a fixed affine. Set the rate "

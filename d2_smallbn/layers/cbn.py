@@ -37,6 +37,8 @@ _HISTORY = ("hist_mean", "hist_sqmean", "hist_mean_proj", "hist_sqmean_proj", "h
 
 
 class CrossIterationBatchNorm2d(StepCounter):
+    needs_conv_input = True  # forward(y, x, conv): the conv's input and weight feed the window
+
     """CBN over a window of ``window_size`` iterations (the paper's k, counting the current one).
 
     Args:
@@ -146,7 +148,7 @@ class CrossIterationBatchNorm2d(StepCounter):
     # ---- forward ------------------------------------------------------------------------
 
     def forward(self, y, x=None, conv=None):
-        if not self.training:
+        if not self.uses_batch:
             scale, shift = self.eval_scale_shift()
             return channel_affine(y, scale, shift)
         if y.numel() == 0:
@@ -202,7 +204,7 @@ class CBNConv2d(NormActConv2d):
                  bias=False, norm=None, activation=None, **kwargs):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, norm=norm, activation=activation, **kwargs)
-        if isinstance(norm, CrossIterationBatchNorm2d):
+        if getattr(norm, "needs_conv_input", False):
             if bias:
                 raise ValueError("CBNConv2d: bias=True with a CrossIterationBatchNorm2d norm is not supported; "
                                  "the bias is cancelled by the normalization anyway, so pass bias=False")
@@ -212,6 +214,6 @@ class CBNConv2d(NormActConv2d):
             norm.attach(self.weight.shape, self.groups)
 
     def apply_norm(self, y, x):
-        if isinstance(self.norm, CrossIterationBatchNorm2d):
+        if getattr(self.norm, "needs_conv_input", False):
             return self.norm(y, x, self)
         return self.norm(y)

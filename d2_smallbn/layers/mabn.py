@@ -59,7 +59,7 @@ class MovingAverageBatchNorm2d(StepCounter):
         return t > max(self.clip_warmup_iters, self.warmup_iters)
 
     def forward(self, x):
-        if not self.training:
+        if not self.uses_batch:
             scale, shift = self.eval_scale_shift()
             return channel_affine(x, scale, shift)
         if x.numel() == 0:
