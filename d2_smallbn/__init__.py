@@ -1,5 +1,17 @@
 """d2_smallbn: Cross-Iteration BN, Moving Average BN and Batch-Channel Norm + WS for detectron2.
 
-``d2_smallbn.layers`` is pure PyTorch; the detectron2 integration lives in the other subpackages.
+``d2_smallbn.layers`` is pure PyTorch. Importing ``d2_smallbn`` itself registers the norm names
+"CBN", "MABN", "BCN" and the backbones with detectron2 (idempotent).
 """
 __version__ = "0.1.0"
+
+try:
+    import detectron2  # noqa: F401
+except ImportError:  # the layers work without detectron2
+    pass
+else:
+    from .config import add_smallbn_config, check_smallbn_config
+    from .modeling import install as _install
+
+    _install()
+    __all__ = ["add_smallbn_config", "check_smallbn_config"]

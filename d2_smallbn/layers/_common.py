@@ -1,9 +1,12 @@
 """Pieces shared by every norm layer: argument checks, the per-channel affine map,
-empty-input handling and the training-step counter."""
+empty-input handling, freezing, loading BN checkpoints and the training-step counter."""
+import logging
 import math
 
 import torch
 from torch import nn
+
+logger = logging.getLogger("d2_smallbn.layers")
 
 
 def check_int(name, value, minimum):
@@ -68,6 +71,30 @@ class NormBase(nn.Module):
     def uses_batch(self):
         """True when this forward computes batch statistics and updates state."""
         return self.training and not self.frozen
+
+    # Loading a BatchNorm checkpoint: the BN statistics are mapped by ``map_bn_state`` and this
+    # layer's own training state (rings, windows, counters) starts fresh instead of being "missing".
+    own_state = ()
+
+    def map_bn_state(self, state_dict, prefix):
+        """Rewrites BN keys under ``prefix`` into this layer's; returns a description of the mapping."""
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        return "running_mean/running_var kept as they are"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        from_bn = prefix + "running_var" in state_dict and not any(prefix + k in state_dict for k in self.own_state)
+        if from_bn:
+            mapping = self.map_bn_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if from_bn:
+            fresh = [prefix + k for k in self.own_state if prefix + k in missing_keys]
+            for key in fresh:
+                missing_keys.remove(key)
+            logger.info("%s: loaded BatchNorm statistics into %s (%s); fresh %s",
+                        prefix.rstrip(".") or "<root>", type(self).__name__, mapping,
+                        ", ".join(k[len(prefix):] for k in fresh) or "nothing")
 
 
 class StepCounter(NormBase):

@@ -70,6 +70,8 @@ class BatchChannelNorm2d(NormBase):
         self.register_buffer("update_rate", torch.zeros(()))
         self._rate_is_zero = True  # known on the host without reading the buffer
 
+    own_state = ("update_rate", "group_weight", "group_bias")
+
     def set_update_rate(self, rate):
         """Sets r, a float or a 0-dim tensor (e.g. one shared LR tensor); no host sync."""
         if torch.is_tensor(rate):

@@ -72,6 +72,8 @@ class CrossIterationBatchNorm2d(StepCounter):
         self._num_stored = 0
         self._conv_shape = None
 
+    own_state = ("num_steps", "num_stored") + _HISTORY
+
     # ---- history ------------------------------------------------------------------------
 
     def attach(self, conv_weight_shape, groups=1):

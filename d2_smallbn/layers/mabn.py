@@ -52,6 +52,15 @@ class MovingAverageBatchNorm2d(StepCounter):
         self.register_buffer("sqmean_buffer", torch.zeros(buffer_size, num_features))
         self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
 
+    own_state = ("num_steps", "running_sqmean", "sqmean_buffer", "psi_buffer")
+
+    def map_bn_state(self, state_dict, prefix):
+        mean = state_dict.pop(prefix + "running_mean")
+        var = state_dict.pop(prefix + "running_var")
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        state_dict[prefix + "running_sqmean"] = var + mean * mean
+        return "running_sqmean = running_var + running_mean^2, i.e. E[x^2]"
+
     def uses_batch_statistics(self, t):
         return t < self.warmup_iters or t <= self.buffer_size
 
