@@ -79,7 +79,8 @@ def tiny_cfg(backbone="MABN", fpn="", box="", mask="", dataset="smallbn_tiny", o
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (dataset,), ()
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER = 2, 0.01, iters
-    cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD = (iters - 1,), 2, 10 ** 6
+    cfg.SOLVER.STEPS = (iters - 1,) if iters > 1 else ()
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD = min(2, iters - 1), 10 ** 6
     cfg.TEST.EVAL_PERIOD = 0
     cfg.OUTPUT_DIR = output_dir or "/tmp/d2_smallbn_test"
     cfg.SEED = 1

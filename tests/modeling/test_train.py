@@ -1,0 +1,133 @@
+"""Training with the trainer and hook: per-iteration layer state, exact resume, faults."""
+import logging
+import os
+
+import pytest
+import torch
+from detectron2.data import DatasetMapper
+from detectron2.engine import HookBase
+
+from conftest import make_images, register, tiny_cfg
+from d2_smallbn.engine import SmallBNTrainer
+from d2_smallbn.layers import BatchChannelNorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+from d2_smallbn.layers._common import StepCounter
+
+
+class IterationIndexedData:
+    """Batch i is always the same, whatever iteration training (re)starts at."""
+
+    def __init__(self, batches, trainer):
+        self.batches, self.trainer = batches, trainer
+
+    def __iter__(self):
+        while True:
+            yield self.batches[self.trainer.iter % len(self.batches)]
+
+
+class SeedEachStep(HookBase):
+    """detectron2 does not checkpoint the RNG (RoI sampling uses it); seed per iteration instead."""
+
+    def before_step(self):
+        torch.manual_seed(1000 + self.trainer.iter)
+
+
+class Recorder(HookBase):
+    def __init__(self):
+        self.rates, self.steps, self.losses = [], [], []
+
+    def before_step(self):
+        model = self.trainer.model
+        lr = self.trainer.optimizer.param_groups[0]["lr"]
+        self.rates.append((lr, [float(m.update_rate) for m in model.modules() if isinstance(m, BatchChannelNorm2d)]))
+
+    def after_step(self):
+        model = self.trainer.model
+        self.steps.append({int(m.num_steps) for m in model.modules() if isinstance(m, StepCounter) and not m.frozen})
+        self.losses.append(self.trainer.storage.history("total_loss").latest())
+
+
+def make_trainer(cfg, records):
+    trainer = SmallBNTrainer(cfg)
+    mapper = DatasetMapper(cfg, is_train=True)
+    batches = [[mapper(dict(r)) for r in records[i:i + 2]] for i in range(0, len(records), 2)]
+    trainer._trainer.data_loader = IterationIndexedData(batches, trainer)
+    recorder = Recorder()
+    trainer.register_hooks([SeedEachStep(), recorder])
+    return trainer, recorder
+
+
+def test_hook_drives_iterations_and_bcn_rate_follows_the_lr_through_warmup(tiny_dataset, tmp_path):
+    cfg = tiny_cfg(backbone="MABN", fpn="CBN", box="BCN", mask="BCN", iters=5, output_dir=str(tmp_path))
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.STEPS = 3, (4,)
+    trainer, rec = make_trainer(cfg, tiny_dataset)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    lrs = [lr for lr, _ in rec.rates]
+    assert len(set(lrs)) == 5  # warmup ramps, then the step decays
+    for lr, rates in rec.rates:
+        assert rates and all(r == pytest.approx(lr) for r in rates)
+    assert rec.steps == [{i + 1} for i in range(5)]
+
+
+@pytest.mark.parametrize("norm", ["CBN", "MABN", "BCN"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(norm, tiny_dataset, tmp_path):
+    def config(out):
+        cfg = tiny_cfg(backbone=norm, fpn=norm, box=norm, mask=norm, iters=6, output_dir=str(out))
+        cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.STEPS = 3, 2, (4,)
+        cfg.SOLVER.MOMENTUM = 0.9
+        return cfg
+
+    straight, rec_a = make_trainer(config(tmp_path / "a"), tiny_dataset)
+    straight.resume_or_load(resume=False)
+    straight.train()
+    resumed, rec_b = make_trainer(config(tmp_path / "b"), tiny_dataset)
+    resumed.checkpointer.load(str(tmp_path / "a" / "model_0000002.pth"))  # model, optimizer, scheduler, iter
+    resumed.start_iter = resumed.iter + 1
+    assert resumed.start_iter == 3
+    resumed.train()
+    assert rec_b.losses == pytest.approx(rec_a.losses[3:], rel=1e-5)
+    state_a, state_b = straight.model.state_dict(), resumed.model.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_no_foreground_rois_and_constant_images_keep_training_finite(tmp_path):
+    records = make_images(str(tmp_path), count=2)
+    records[0]["annotations"] = []  # zero foreground: the mask head gets no RoIs
+    import numpy as np
+    from PIL import Image
+    Image.fromarray(np.full((96, 128, 3), 77, np.uint8)).save(records[1]["file_name"])  # constant image
+    register("smallbn_faults", records)
+    cfg = tiny_cfg(backbone="MABN", fpn="CBN", box="BCN", mask="CBN", dataset="smallbn_faults", iters=4,
+                   output_dir=str(tmp_path / "out"))
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    trainer, rec = make_trainer(cfg, records)
+    trainer._trainer.data_loader.batches = [[b[0]] for b in trainer._trainer.data_loader.batches] + \
+        [[DatasetMapper(cfg, is_train=True)(dict(records[1]))]]
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert all(np.isfinite(rec.losses))
+    trainer.checkpointer.save("faults")
+    saved = torch.load(os.path.join(cfg.OUTPUT_DIR, "faults.pth"))["model"]
+    for key, value in saved.items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+
+
+def test_burnin_epochs_are_converted_with_the_dataset_size(tiny_dataset, tmp_path):
+    cfg = tiny_cfg(backbone="FrozenBN", fpn="CBN", iters=1, output_dir=str(tmp_path))
+    cfg.MODEL.SMALLBN.CBN.BURNIN_EPOCHS = 3.0  # 3 epochs x 4 images / 2 per iteration
+    trainer, _ = make_trainer(cfg, tiny_dataset)
+    trainer.train()
+    assert {m.burnin_iters for m in trainer.model.modules() if isinstance(m, CrossIterationBatchNorm2d)} == {6}
+
+
+def test_warns_when_images_per_process_differ_from_the_paper(tiny_dataset, tmp_path, caplog):
+    cfg = tiny_cfg(backbone="MABN", iters=1, output_dir=str(tmp_path))
+    cfg.MODEL.SMALLBN.PAPER_IMS_PER_GPU = 4
+    trainer, _ = make_trainer(cfg, tiny_dataset)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "reproduces a paper setting with 4 images per GPU" in caplog.text
+    assert any(isinstance(m, MovingAverageBatchNorm2d) for m in trainer.model.modules())
