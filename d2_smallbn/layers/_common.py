@@ -33,6 +33,11 @@ def stat_dtype(module):
     return torch.float32
 
 
+def batch_mean_var(x, dtype):
+    """Per-channel mean and biased variance over (N, H, W), computed in ``dtype``; one fused pass."""
+    return torch.batch_norm_update_stats(x.to(dtype), None, None, 0.0)
+
+
 def full_precision(tensor):
     """Context that turns autocast off on ``tensor``'s device: matmuls on statistics (einsum,
     projections) must not drop to fp16."""
@@ -42,7 +47,10 @@ def full_precision(tensor):
 def channel_affine(x, scale, shift):
     """x * scale + shift with per-channel (length C) scale and shift, in x's dtype, one pass."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+    scale, shift = scale.to(x.dtype).view(shape), shift.to(x.dtype).view(shape)
+    if torch.is_grad_enabled() and (scale.requires_grad or shift.requires_grad):
+        return x * scale + shift  # addcmul's backward costs three full-size products
+    return torch.addcmul(shift, x, scale)
 
 
 def empty_output(x, weight, bias, *other_params):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import NormBase, channel_affine, check_float, check_int, empty_output, stat_dtype
+from ._common import NormBase, batch_mean_var, channel_affine, check_float, check_int, empty_output, stat_dtype
 
 
 def group_norm_per_group_affine(x, num_groups, group_weight, group_bias, eps):
@@ -101,7 +101,7 @@ class BatchChannelNorm2d(NormBase):
 
     @torch.no_grad()
     def _update_estimates(self, x):
-        var_b, mean_b = torch.var_mean(x.to(stat_dtype(self)), dim=(0, 2, 3), correction=0)
+        mean_b, var_b = batch_mean_var(x, stat_dtype(self))
         shifted_var = var_b + (mean_b - self.running_mean).square_()
         self.running_var.add_(self.update_rate * (shifted_var - self.running_var))
         self.running_mean.add_(self.update_rate * (mean_b - self.running_mean))

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from ._common import (StepCounter, channel_affine, check_float, check_int, empty_output, full_precision,
-                      stat_dtype)
+from ._common import (StepCounter, batch_mean_var, channel_affine, check_float, check_int, empty_output,
+                      full_precision, stat_dtype)
 from .conv import NormActConv2d
 
 _HISTORY = ("hist_mean", "hist_sqmean", "hist_mean_proj", "hist_sqmean_proj", "hist_dmean", "hist_dsqmean")
@@ -125,8 +125,7 @@ class CrossIterationBatchNorm2d(StepCounter):
         # in the statistics dtype: an fp16 weight gradient overflows (and would poison the history)
         x, y = x.to(dtype), y.to(dtype)
         dsqmean = conv2d_weight(x, conv.weight.shape, y * (2.0 / m), *args, groups)
-        ones = y.new_full((n, groups, h, w_), 1.0 / m)
-        dmean = conv2d_weight(x, (groups, cin_g, kh, kw), ones, *args, groups)
+        dmean = _mean_patch(x, (kh, kw), *args, (h, w_)).view(groups, cin_g, kh, kw)
         wt = conv.weight.detach().to(dtype)
         slot = self._num_stored % (self.window_size - 1)
         self.hist_mean[slot] = mean
@@ -160,27 +159,21 @@ class CrossIterationBatchNorm2d(StepCounter):
         if in_window and (conv is None or x is None or self._conv_shape is None):
             raise RuntimeError("CrossIterationBatchNorm2d with window_size > 1 needs the conv's input and "
                                "weight: build it as CBNConv2d(..., norm=CrossIterationBatchNorm2d(...))")
-        var, mean = torch.var_mean(y.to(stat_dtype(self)), dim=(0, 2, 3), correction=0)
-        sqmean = var + mean * mean
         n = self.history_length if in_window else 0
         if n > 0:
             hist_mean, hist_sqmean = self.compensated_history(conv.weight)
-            mean_w = (mean + hist_mean.sum(0)) / (n + 1)
-            sqmean_w = (sqmean + torch.maximum(hist_sqmean, hist_mean * hist_mean).sum(0)) / (n + 1)
-            var_w = (sqmean_w - mean_w * mean_w).clamp_min(0.0)
+            hist_sums = (hist_mean.sum(0), torch.maximum(hist_sqmean, hist_mean * hist_mean).sum(0))
         else:
-            mean_w, var_w = mean, var
-        scale = torch.rsqrt(var_w + self.eps)
-        if self.affine:
-            scale = scale * self.weight
-        shift = -mean_w * scale if self.bias is None else self.bias - mean_w * scale
+            hist_sums = None
+        out, mean, sqmean, mean_w, var_w = _CBNFunction.apply(y, self.weight, self.bias, hist_sums, n + 1, self.eps,
+                                                              stat_dtype(self))
         with torch.no_grad():
-            self.running_mean.lerp_(mean_w.detach(), self.momentum)
-            self.running_var.lerp_(var_w.detach(), self.momentum)
+            self.running_mean.lerp_(mean_w, self.momentum)
+            self.running_var.lerp_(var_w, self.momentum)
             if in_window:
-                self._store(x, y, conv, mean.detach(), sqmean.detach())
+                self._store(x, y, conv, mean, sqmean)
         self._end_step()
-        return channel_affine(y, scale, shift)
+        return out
 
     def eval_scale_shift(self):
         """Per-channel (scale, shift) with eval(y) = y * scale + shift."""
@@ -197,6 +190,17 @@ class CrossIterationBatchNorm2d(StepCounter):
                 f"rho={self.rho}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}")
 
 
+def _mean_patch(x, kernel_size, stride, padding, dilation, out_size):
+    """The mean input patch of a convolution, [Cin, kh, kw]: d mu / dW for every output channel
+    (appendix eq. 15). Summing the batch first makes it kh*kw strided sums over one image."""
+    total = F.pad(x.sum(0), (padding[1], padding[1], padding[0], padding[0]))
+    (kh, kw), (ho, wo) = kernel_size, out_size
+    sums = [total[:, i * dilation[0]: i * dilation[0] + stride[0] * (ho - 1) + 1: stride[0],
+                  j * dilation[1]: j * dilation[1] + stride[1] * (wo - 1) + 1: stride[1]].sum((1, 2))
+            for i in range(kh) for j in range(kw)]
+    return torch.stack(sums, dim=1).view(-1, kh, kw) / (x.shape[0] * ho * wo)
+
+
 class CBNConv2d(NormActConv2d):
     """Conv2d whose ``norm`` may be a ``CrossIterationBatchNorm2d``; that norm receives the
     conv's input and weight. Arguments are ``torch.nn.Conv2d``'s plus ``norm`` and ``activation``.
@@ -210,12 +214,72 @@ class CBNConv2d(NormActConv2d):
             if bias:
                 raise ValueError("CBNConv2d: bias=True with a CrossIterationBatchNorm2d norm is not supported; "
                                  "the bias is cancelled by the normalization anyway, so pass bias=False")
-            if self.padding_mode != "zeros":
+            if self.padding_mode != "zeros" or isinstance(self.padding, str):
                 raise ValueError("CBNConv2d with a CrossIterationBatchNorm2d norm supports only "
-                                 f"padding_mode='zeros', got {self.padding_mode!r}")
+                                 f"padding_mode='zeros' and integer padding, got {self.padding_mode!r}, "
+                                 f"padding={self.padding!r}")
             norm.attach(self.weight.shape, self.groups)
 
     def apply_norm(self, y, x):
         if getattr(self.norm, "needs_conv_input", False):
             return self.norm(y, x, self)
         return self.norm(y)
+
+
+class _CBNFunction(torch.autograd.Function):
+    """Algorithm 1, lines 1 and 6-10, with a BN-style backward: the window's past entries
+    (``hist_sums``: sums of the compensated mu and of max(nu, mu^2)) are constants, and the
+    gradient flows through the current mu_t = mean(y), nu_t = mean(y^2) and y.
+
+    With a = gamma / sqrt(var_bar + eps), out = a * (y - mu_bar) + beta, and S = sum g * (y - mu_bar):
+        d var_bar = -S * a / (2 (var_bar + eps))      (0 where the variance was clamped)
+        d mu_bar  = -a * sum g - 2 mu_bar * d var_bar
+        dy = g * a + (d mu_bar + 2 mu_t * d var_bar) / (k M) + 2 (y - mu_t) * d var_bar / (k M)
+    Returns (out, mu_t, nu_t, mu_bar, var_bar); only ``out`` is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, hist_sums, count, eps, dtype):
+        mean, var = batch_mean_var(y, dtype)
+        sqmean = var + mean * mean
+        if hist_sums is None:  # plain BN: the exact variance, no cancellation
+            mean_w, var_w, clamped = mean, var, None
+        else:
+            mean_w = (mean + hist_sums[0]) / count
+            var_w = (sqmean + hist_sums[1]) / count - mean_w * mean_w
+            clamped = var_w < 0
+            var_w = var_w.clamp_min(0.0)
+        inv_std = torch.rsqrt(var_w + eps)
+        scale = inv_std if weight is None else inv_std * weight.to(dtype)
+        shift = -mean_w * scale if bias is None else bias.to(dtype) - mean_w * scale
+        out = channel_affine(y, scale, shift)
+        ctx.save_for_backward(y, weight, mean, mean_w, inv_std, scale, clamped)
+        ctx.count = count
+        ctx.mark_non_differentiable(mean, sqmean, mean_w, var_w)
+        return out, mean, sqmean, mean_w, var_w
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        y, weight, mean, mean_w, inv_std, scale, clamped = ctx.saved_tensors
+        dtype = mean.dtype
+        dims = (0, 2, 3)
+        m = y.numel() // y.shape[1]
+        sum_g = grad_out.sum(dims, dtype=dtype)
+        sum_gy = (grad_out * y).sum(dims, dtype=dtype)
+        centred = sum_gy - mean_w * sum_g  # S = sum g * (y - mu_bar)
+        d_var = -0.5 * centred * scale * inv_std * inv_std
+        if clamped is not None:
+            d_var = d_var.masked_fill(clamped, 0.0)
+        d_mean_w = -scale * sum_g - 2.0 * mean_w * d_var
+        km = ctx.count * m
+        shape = (1, -1, 1, 1)
+        slope = (2.0 * d_var / km).to(y.dtype).view(shape)
+        offset = ((d_mean_w + 2.0 * mean * d_var) / km).to(y.dtype).view(shape)
+        grad_y = torch.addcmul(offset, grad_out, scale.to(y.dtype).view(shape))
+        grad_y.addcmul_(y - mean.to(y.dtype).view(shape), slope)
+        grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (centred * inv_std).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_g.to(grad_out.dtype)
+        return grad_y, grad_weight, grad_bias, None, None, None, None
