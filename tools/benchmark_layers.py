@@ -61,13 +61,14 @@ from d2_smallbn.layers import (  # noqa: E402
     fold_conv_norm,
 )
 
-TRAIN_SETTINGS = ("bn", "frozen_bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws")
+TRAIN_SETTINGS = ("bn", "frozen_bn", "gn", "gn_ws", "bn_wgrad", "cbn", "mabn", "bcn_ws")
 EVAL_SETTINGS = ("frozen_bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws", "cbn_folded", "mabn_folded", "bcn_ws_folded")
 LABELS = {
     "bn": "conv+BN",
     "frozen_bn": "conv+FrozenBN",
     "gn": "conv+GN",
     "gn_ws": "WSconv+GN (GN+WS)",
+    "bn_wgrad": "conv+BN + 1 weight-gradient conv (CBN's floor)",
     "cbn": "CBN (CBNConv2d, k=4)",
     "mabn": "MABN (CenteredConv2d)",
     "bcn_ws": "BCN+WS (WSConv2d)",
@@ -86,6 +87,17 @@ TARGETS = (
 CBN_WINDOW = 4
 TABLE_HEADER = "| setting | train step ratio vs BN | peak mem ratio vs BN | eval ratio vs FrozenBN | target | met? |"
 MABN_BUFFER = 16
+
+
+class _ConvWithExtraWeightGrad(nn.Conv2d):
+    """conv plus the one extra weight-gradient convolution CBN needs per step (d nu / dW): what
+    any exact CBN pays on top of BN, measured here to show the floor on this device."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        with torch.no_grad():
+            torch.nn.grad.conv2d_weight(x, self.weight.shape, y, self.stride, self.padding, self.dilation, self.groups)
+        return y
 
 
 # ---- construction -------------------------------------------------------------------------
@@ -112,6 +124,8 @@ def build_train_module(key, channels, groups, seed=0):
     conv_kw = dict(kernel_size=3, padding=1, bias=False)
     if key in ("bn", "frozen_bn"):
         module = nn.Sequential(nn.Conv2d(c, c, **conv_kw), nn.BatchNorm2d(c))
+    elif key == "bn_wgrad":
+        module = nn.Sequential(_ConvWithExtraWeightGrad(c, c, **conv_kw), nn.BatchNorm2d(c))
     elif key == "gn":
         module = nn.Sequential(nn.Conv2d(c, c, **conv_kw), nn.GroupNorm(groups, c))
     elif key == "gn_ws":
@@ -439,7 +453,7 @@ def markdown(report):
         lines += ["", f"## {cfg['batch']}x{cfg['channels']}x{shape_key}", "",
                   TABLE_HEADER, "|---|---|---|---|---|---|"]
         rows = [("bn", "bn", "frozen_bn"), ("frozen_bn", "frozen_bn", "frozen_bn"), ("gn", "gn", "gn"),
-                ("gn_ws", "gn_ws", "gn_ws"), ("cbn", "cbn", "cbn"), ("mabn", "mabn", "mabn"),
+                ("gn_ws", "gn_ws", "gn_ws"), ("bn_wgrad", "bn_wgrad", None), ("cbn", "cbn", "cbn"), ("mabn", "mabn", "mabn"),
                 ("bcn_ws", "bcn_ws", "bcn_ws"), ("cbn_folded", None, "cbn_folded"),
                 ("mabn_folded", None, "mabn_folded"), ("bcn_ws_folded", None, "bcn_ws_folded")]
         for key, train_key, eval_key in rows:
@@ -453,7 +467,7 @@ def markdown(report):
                 if key == "bcn_ws":
                     t_cell += f"; vs GN+WS {_fmt(train[key]['ratio_vs_gn_ws'])}"
                 m_cell = f"{mem[train_key]['ratio_vs_bn']:.3f}"
-            e_cell = _fmt(evals[eval_key]["ratio_vs_frozen_bn"])
+            e_cell = "-" if eval_key is None else _fmt(evals[eval_key]["ratio_vs_frozen_bn"])
             if key == "bcn_ws_folded":
                 e_cell += f"; vs GN+WS eval {_fmt(evals[key]['ratio_vs_gn_ws'])}"
             if key in target_of:

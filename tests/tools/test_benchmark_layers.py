@@ -9,7 +9,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "tools" / "benchmark_layers.py"
 
-TRAIN_SETTINGS = ("bn", "frozen_bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws")
+TRAIN_SETTINGS = ("bn", "frozen_bn", "gn", "gn_ws", "bn_wgrad", "cbn", "mabn", "bcn_ws")
 EVAL_SETTINGS = ("frozen_bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws", "cbn_folded", "mabn_folded", "bcn_ws_folded")
 
 
