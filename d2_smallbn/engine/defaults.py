@@ -1,0 +1,60 @@
+"""What ``tools/train_net.py`` runs, kept in the package so that every tool shares it:
+config setup (config files by path or by model-zoo name), training, and ``--eval-only``."""
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+from detectron2.evaluation import verify_results
+
+from ..config import add_smallbn_config, check_smallbn_config
+from .trainer import SmallBNTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_config_file(path):
+    """A config path, or a name relative to ``configs/`` (works from any working directory)."""
+    if os.path.isfile(path):
+        return path
+    from ..model_zoo import get_config_file
+
+    return get_config_file(path)
+
+
+def build_config(config_file, opts=()):
+    cfg = get_cfg()
+    add_smallbn_config(cfg)
+    cfg.merge_from_file(resolve_config_file(config_file))
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("No CUDA device: running on CPU (MODEL.DEVICE cpu)")
+        cfg.MODEL.DEVICE = "cpu"
+    check_smallbn_config(cfg)
+    return cfg
+
+
+def setup(args):
+    cfg = build_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    """Entry point for ``detectron2.engine.launch`` (one call per process)."""
+    from ..data import register_builtin_datasets
+
+    register_builtin_datasets()
+    cfg = setup(args)
+    if args.eval_only:
+        model = SmallBNTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = SmallBNTrainer.test(cfg, model)
+        verify_results(cfg, results)
+        return results
+    trainer = SmallBNTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()

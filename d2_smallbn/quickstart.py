@@ -1,0 +1,171 @@
+"""The main job on the built-in dataset: generate it, train a quickstart Mask R-CNN, evaluate it
+with COCO evaluation (box and mask) against the same model untrained, and write the results.
+
+    python tools/quickstart.py [--norm cbn|mabn|bcn_ws|gn|bn] [--iters N] [--output-dir DIR] [KEY VALUE ...]
+
+Outputs in the output directory: metrics.json (detectron2's training log), results.json (AP of the
+trained and untrained model), predictions.png (validation images with predictions, drawn with
+detectron2's Visualizer), curves.png (losses and learning rate), and the model checkpoint.
+"""
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+NORM_CONFIGS = {n: f"quickstart/mask_rcnn_R18_FPN_{n}.yaml" for n in ("cbn", "mabn", "bcn_ws", "gn", "bn")}
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+logger = logging.getLogger("d2_smallbn.quickstart")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--norm", default="cbn", choices=sorted(NORM_CONFIGS), help="quickstart config (default: cbn)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--output-dir", default=None, help="default: ./output/quickstart_<norm>")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: see d2_smallbn.data)")
+    p.add_argument("--num-train", type=int, default=None, help="generated training images (default: dataset default)")
+    p.add_argument("--num-val", type=int, default=None, help="generated validation images")
+    p.add_argument("--num-vis", type=int, default=6, help="validation images drawn in predictions.png")
+    p.add_argument("--no-untrained", action="store_true", help="skip evaluating the untrained model")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    return p.parse_args(argv)
+
+
+def build_cfg(args, data_root):
+    from .engine.defaults import build_config
+
+    cfg = build_config(NORM_CONFIGS[args.norm], args.opts)
+    if args.iters is not None:
+        if args.iters < 1:
+            raise ValueError(f"--iters must be >= 1, got {args.iters}")
+        scale = args.iters / cfg.SOLVER.MAX_ITER
+        cfg.SOLVER.MAX_ITER = args.iters
+        cfg.SOLVER.STEPS = tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS if int(s * scale) < args.iters)
+        cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, args.iters - 1)
+        cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS = min(cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS, int(0.2 * args.iters))
+    cfg.OUTPUT_DIR = os.path.abspath(args.output_dir or os.path.join("output", f"quickstart_{args.norm}"))
+    cfg.freeze()
+    return cfg
+
+
+def coco_ap(results):
+    return {task: {k: float(results[task][k]) for k in AP_KEYS} for task in ("bbox", "segm") if task in results}
+
+
+def ap_table(rows):
+    """rows: {name: coco_ap(...)} -> a markdown table with box and mask AP."""
+    header = "| model | " + " | ".join(f"box {k}" for k in AP_KEYS) + " | mask AP | mask AP50 |"
+    lines = [header, "|" + "---|" * (len(AP_KEYS) + 3)]
+    for name, ap in rows.items():
+        box = " | ".join(f"{ap['bbox'][k]:.1f}" for k in AP_KEYS)
+        lines.append(f"| {name} | {box} | {ap['segm']['AP']:.1f} | {ap['segm']['AP50']:.1f} |")
+    return "\n".join(lines)
+
+
+def draw_predictions(cfg, model, dataset_name, path, count):
+    """A grid of validation images with the model's predictions."""
+    import cv2
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import transforms as T
+    from detectron2.utils.visualizer import Visualizer
+
+    records = DatasetCatalog.get(dataset_name)[:count]
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    tiles = []
+    model.eval()
+    for record in records:
+        bgr = cv2.imread(record["file_name"])
+        image = resize.get_transform(bgr).apply_image(bgr)
+        with torch.no_grad():
+            tensor = torch.as_tensor(image.transpose(2, 0, 1).astype("float32"))
+            out = model([{"image": tensor, "height": bgr.shape[0], "width": bgr.shape[1]}])[0]["instances"]
+        out = out[out.scores > 0.5].to("cpu")
+        vis = Visualizer(bgr[:, :, ::-1], MetadataCatalog.get(dataset_name))
+        tiles.append(vis.draw_instance_predictions(out).get_image())
+    height = max(t.shape[0] for t in tiles)
+    padded = [np.pad(t, ((0, height - t.shape[0]), (0, 4), (0, 0)), constant_values=255) for t in tiles]
+    rows = [np.concatenate(padded[i:i + 3], axis=1) for i in range(0, len(padded), 3)]
+    width = max(r.shape[1] for r in rows)
+    grid = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+    cv2.imwrite(path, grid[:, :, ::-1])
+    return path
+
+
+def draw_curves(metrics_json, path):
+    """Losses and the learning rate per iteration, from detectron2's metrics.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_json) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    entries = [e for e in entries if "total_loss" in e]
+    if not entries:
+        raise ValueError(f"{metrics_json} has no training entries (was training interrupted?)")
+    it = [e["iteration"] for e in entries]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted(k for k in entries[0] if k.startswith("loss_") or k == "total_loss"):
+        ax_loss.plot(it, [e.get(key, np.nan) for e in entries], label=key, lw=2 if key == "total_loss" else 1)
+    ax_loss.set(xlabel="iteration", ylabel="loss", title="training losses", yscale="log")
+    ax_loss.legend(fontsize=7)
+    ax_lr.plot(it, [e.get("lr", np.nan) for e in entries])
+    ax_lr.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    from detectron2.utils.logger import setup_logger
+
+    from .data import default_root, generate_dataset, register_shapes
+
+    args = parse_args(argv)
+    setup_logger(name="detectron2")
+    setup_logger(name="d2_smallbn")
+    start = time.time()
+    root = args.data_root or default_root()
+    sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val)) if v is not None}
+    generate_dataset(root, **sizes)
+    register_shapes(root)
+    cfg = build_cfg(args, root)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    from .engine import SmallBNTrainer
+
+    logger.info("Training %s for %d iterations -> %s", NORM_CONFIGS[args.norm], cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR)
+    trainer = SmallBNTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    train_seconds = time.time() - start
+    rows = {f"{args.norm}, {cfg.SOLVER.MAX_ITER} iterations": coco_ap(trainer._last_eval_results)}
+    if not args.no_untrained:
+        untrained = SmallBNTrainer.build_model(cfg)
+        rows[f"{args.norm}, untrained"] = coco_ap(SmallBNTrainer.test(cfg, untrained))
+    files = {
+        "results": os.path.join(cfg.OUTPUT_DIR, "results.json"),
+        "predictions": draw_predictions(cfg, trainer.model, cfg.DATASETS.TEST[0],
+                                        os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.num_vis),
+        "curves": draw_curves(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), os.path.join(cfg.OUTPUT_DIR, "curves.png")),
+        "training log": os.path.join(cfg.OUTPUT_DIR, "metrics.json"),
+        "checkpoint": os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
+        "config": os.path.join(cfg.OUTPUT_DIR, "config.yaml"),
+        "dataset": os.path.abspath(root),
+    }
+    with open(files["config"], "w") as f:
+        f.write(cfg.dump())
+    summary = {"config": NORM_CONFIGS[args.norm], "iterations": cfg.SOLVER.MAX_ITER,
+               "images_per_iteration": cfg.SOLVER.IMS_PER_BATCH, "wall_seconds": round(time.time() - start, 1),
+               "train_and_eval_seconds": round(train_seconds, 1), "results": rows}
+    with open(files["results"], "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    print("\nCOCO evaluation on smallbn_shapes_val:\n" + ap_table(rows))
+    print(f"\nTotal time {summary['wall_seconds']:.0f} s. Outputs:")
+    for name, path in files.items():
+        print(f"  {name:14s} {path}")
+    return summary
