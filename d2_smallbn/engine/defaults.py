@@ -45,9 +45,9 @@ def setup(args):
 
 def main(args):
     """Entry point for ``detectron2.engine.launch`` (one call per process)."""
-    from ..data import register_builtin_datasets
+    from ..data import register_shapes
 
-    register_builtin_datasets()
+    register_shapes()  # the built-in dataset's names (files are checked when it is loaded)
     cfg = setup(args)
     if args.eval_only:
         model = SmallBNTrainer.build_model(cfg)

@@ -40,8 +40,12 @@ def _wrap_get_norm(original):
 
 def _wrap_build_model(original):
     def build_model(cfg):
-        if "SMALLBN" not in cfg.MODEL:
-            cfg = add_smallbn_config(cfg.clone())
+        if "SMALLBN" not in cfg.MODEL:  # a plain detectron2 config: our defaults
+            frozen, cfg = cfg.is_frozen(), cfg.clone()
+            cfg.defrost()
+            add_smallbn_config(cfg)
+            if frozen:
+                cfg.freeze()
         check_smallbn_config(cfg)
         with building(cfg):
             model = original(cfg)
