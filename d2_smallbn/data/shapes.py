@@ -1,0 +1,250 @@
+"""Generate ``smallbn_shapes``, the built-in COCO-format instance-segmentation dataset.
+
+Textured ellipses, rectangles, triangles, stars and rings (5 categories, ids 1-5) on cluttered
+backgrounds (shading, translucent blobs, random lines), with occlusion, in images of 160-320 px
+per side. Annotations describe the visible pixels only; see ``scene.py`` for how masks, areas and
+boxes are made exactly consistent with pycocotools. Unoccluded shapes are polygons, the others
+(occluded, border-clipped, rings) RLE: train Mask R-CNN with ``INPUT.MASK_FORMAT: "bitmask"``.
+
+Layout under ``root``::
+
+    train/000000.jpg ...   val/000000.jpg ...          (file_name is relative to the split folder)
+    annotations/instances_train.json   annotations/instances_val.json
+    manifest.json          generation parameters and per-split statistics; written last
+
+Defaults: seed 0, 400 train / 100 val images, 3-8 shapes tried per image (about 5 instances per
+image kept). The output is byte-identical for equal parameters; train and val use different
+random streams, and image i depends only on (seed, split, i).
+
+``root`` defaults to ``$D2_SMALLBN_DATASETS/smallbn_shapes``, where ``D2_SMALLBN_DATASETS``
+defaults to ``./datasets`` (relative to the current working directory), like detectron2's
+``DETECTRON2_DATASETS``.
+
+Writing is atomic: a run generates into a temporary sibling directory and renames it into place,
+holding a lock file (``.<name>.lock`` next to ``root``). A complete dataset with the same
+parameters is reused untouched; otherwise (other parameters, ``force=True``, or an interrupted
+run) it is regenerated, and leftovers of interrupted runs are removed. A directory holding files
+this generator does not write is never replaced.
+
+Only numpy, PIL, OpenCV and pycocotools are needed here (no detectron2).
+"""
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .checks import DatasetError
+from .scene import CATEGORIES, LARGE_MIN_AREA, SMALL_MAX_AREA, SceneOptions, render_scene
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process lock
+    fcntl = None
+
+GENERATOR = "d2_smallbn.data.shapes"
+GENERATOR_VERSION = 1     # bump whenever the rendering changes, so old datasets are regenerated
+SPLITS = ("train", "val")
+SPLIT_STREAMS = {"train": 0, "val": 1}
+JPEG_QUALITY = 90
+MANIFEST = "manifest.json"
+OWN_ENTRIES = {"train", "val", "annotations", MANIFEST}
+
+
+@dataclass(frozen=True)
+class GeneratedDataset:
+    """Where a generated dataset lives, whether it was reused, and per-split statistics."""
+
+    root: Path
+    reused: bool
+    statistics: dict     # split -> {"images", "instances", "small", "medium", "large", ...}
+
+    def annotation_file(self, split):
+        return annotation_file(self.root, split)
+
+    def image_dir(self, split):
+        return image_dir(self.root, split)
+
+
+def default_root():
+    """``$D2_SMALLBN_DATASETS/smallbn_shapes`` (default ``./datasets/smallbn_shapes``), absolute."""
+    return (Path(os.environ.get("D2_SMALLBN_DATASETS", "datasets")).expanduser() / "smallbn_shapes").absolute()
+
+
+def annotation_file(root, split):
+    return Path(root) / "annotations" / f"instances_{split}.json"
+
+
+def image_dir(root, split):
+    return Path(root) / split
+
+
+def generate_dataset(root=None, seed=0, num_train=400, num_val=100, min_side=160, max_side=320,
+                     min_objects=3, max_objects=8, force=False):
+    """Write the dataset under ``root`` (see the module docstring), or reuse a complete one
+    generated with the same parameters unless ``force``. Returns a ``GeneratedDataset``."""
+    root = Path(root).expanduser().absolute() if root is not None else default_root()
+    params = _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_objects)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root):
+        manifest = None if force else _complete_manifest(root, params)
+        if manifest is not None:
+            return GeneratedDataset(root, True, manifest["statistics"])
+        _check_replaceable(root)
+        _remove_leftovers(root)
+        temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        try:
+            statistics = _write_dataset(temporary, params)
+            _move_into_place(temporary, root)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return GeneratedDataset(root, False, statistics)
+
+
+# ------------------------------------------------------------------ parameters and manifest
+
+def _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_objects):
+    params = {"seed": seed, "num_train": num_train, "num_val": num_val, "min_side": min_side,
+              "max_side": max_side, "min_objects": min_objects, "max_objects": max_objects}
+    for key, value in params.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"generate_dataset: {key} must be a non-negative integer, got {value!r}")
+    params = {key: int(value) for key, value in params.items()}
+    if params["num_train"] < 1 or params["num_val"] < 1:
+        raise ValueError("generate_dataset: num_train and num_val must be at least 1")
+    if not 64 <= min_side <= max_side:
+        raise ValueError(f"generate_dataset: need 64 <= min_side <= max_side, got {min_side}, {max_side}")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"generate_dataset: need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    return params
+
+
+def _manifest(params, statistics):
+    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "parameters": params,
+            "statistics": statistics}
+
+
+def _complete_manifest(root, params):
+    """The manifest of a complete dataset at ``root`` generated with ``params``, else None."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        expected = {"generator": GENERATOR, "version": GENERATOR_VERSION, "parameters": params}
+        if any(manifest.get(key) != value for key, value in expected.items()):
+            return None
+        if all(_split_complete(root, split, manifest["statistics"][split]["images"]) for split in SPLITS):
+            return manifest
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass   # unreadable or foreign manifest: regenerate
+    return None
+
+
+def _split_complete(root, split, num_images):
+    images = image_dir(root, split)
+    return (annotation_file(root, split).is_file() and images.is_dir()
+            and len(list(images.glob("*.jpg"))) == num_images)
+
+
+# ------------------------------------------------------------------ writing
+
+def _write_dataset(directory, params):
+    options = SceneOptions(params["min_side"], params["max_side"], params["min_objects"], params["max_objects"])
+    (directory / "annotations").mkdir(parents=True)
+    counts = {"train": params["num_train"], "val": params["num_val"]}
+    statistics = {split: _write_split(directory, split, params["seed"], counts[split], options)
+                  for split in SPLITS}
+    _write_json(directory / MANIFEST, _manifest(params, statistics))   # last: marks completion
+    return statistics
+
+
+def _write_split(directory, split, seed, count, options):
+    image_dir(directory, split).mkdir()
+    images, annotations = [], []
+    for index in range(count):
+        pixels, instances = render_scene(np.random.default_rng([seed, SPLIT_STREAMS[split], index]), options)
+        file_name = f"{index:06d}.jpg"
+        Image.fromarray(pixels).save(image_dir(directory, split) / file_name, format="JPEG",
+                                     quality=JPEG_QUALITY, subsampling=0)
+        height, width = pixels.shape[:2]
+        images.append({"id": index + 1, "file_name": file_name, "height": height, "width": width})
+        for instance in instances:
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "iscrowd": 0, **instance})
+    _write_json(annotation_file(directory, split), _coco_document(split, images, annotations))
+    return _split_statistics(images, annotations)
+
+
+def _coco_document(split, images, annotations):
+    return {
+        "info": {"description": f"smallbn_shapes {split}: synthetic shapes for d2_smallbn",
+                 "version": str(GENERATOR_VERSION)},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)],
+    }
+
+
+def _split_statistics(images, annotations):
+    areas = np.array([a["area"] for a in annotations])
+    return {
+        "images": len(images),
+        "instances": len(annotations),
+        "small": int(np.sum(areas < SMALL_MAX_AREA)),
+        "medium": int(np.sum((areas >= SMALL_MAX_AREA) & (areas < LARGE_MIN_AREA))),
+        "large": int(np.sum(areas >= LARGE_MIN_AREA)),
+        "rle_masks": sum(isinstance(a["segmentation"], dict) for a in annotations),
+        "per_category": {name: sum(a["category_id"] == i + 1 for a in annotations)
+                         for i, name in enumerate(CATEGORIES)},
+    }
+
+
+def _write_json(path, document):
+    Path(path).write_text(json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
+
+
+# ------------------------------------------------------------------ atomic replacement
+
+@contextlib.contextmanager
+def _exclusive_lock(root):
+    """Serialize generators of the same ``root`` across processes (POSIX only)."""
+    if fcntl is None:
+        yield
+        return
+    with open(root.parent / f".{root.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_replaceable(root):
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DatasetError(f"{root}: exists and is not a directory. Fix: pass another --root or remove it.")
+    foreign = sorted(set(os.listdir(root)) - OWN_ENTRIES)
+    if foreign:
+        raise DatasetError(
+            f"{root}: exists and holds files the shapes generator does not write ({', '.join(foreign[:5])}); "
+            "refusing to replace it. Fix: pass another --root, or remove the directory.")
+
+
+def _remove_leftovers(root):
+    """Remove temporary directories of interrupted runs (safe: we hold the lock)."""
+    for pattern in (f".{root.name}.tmp-*", f".{root.name}.old-*"):
+        for leftover in root.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _move_into_place(temporary, root):
+    if not root.exists():
+        os.rename(temporary, root)
+        return
+    old = root.parent / f".{root.name}.old-{os.getpid()}"
+    os.rename(root, old)
+    os.rename(temporary, root)
+    shutil.rmtree(old, ignore_errors=True)

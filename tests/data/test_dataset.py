@@ -1,0 +1,339 @@
+"""The built-in shapes dataset: determinism, COCO validity and mask consistency, coverage,
+detectron2 registration, clear errors for broken data, atomic reuse/regeneration, and the CLI."""
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from d2_smallbn.data import (
+    CATEGORIES, DatasetError, check_coco_dataset, default_root, generate_dataset, register_shapes,
+)
+from d2_smallbn.data.registration import SHAPES_DATASETS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "tools" / "make_dataset.py"
+SMALL = dict(num_train=6, num_val=3)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small dataset shared by the read-only tests."""
+    return generate_dataset(tmp_path_factory.mktemp("shapes") / "smallbn_shapes", seed=0, **SMALL)
+
+
+@pytest.fixture
+def copied(dataset, tmp_path):
+    """A private copy of the shared dataset, for tests that damage it."""
+    root = tmp_path / "copy"
+    shutil.copytree(dataset.root, root)
+    return root
+
+
+@pytest.fixture
+def catalogs():
+    """Restore detectron2's catalogs for our dataset names after the test."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    saved = {name: (DatasetCatalog[name], MetadataCatalog.get(name).as_dict())
+             for name in SHAPES_DATASETS if name in DatasetCatalog}
+    yield DatasetCatalog, MetadataCatalog
+    for name in SHAPES_DATASETS:
+        if name in DatasetCatalog:
+            DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        if name in saved:
+            loader, metadata = saved[name]
+            DatasetCatalog.register(name, loader)
+            metadata.pop("name", None)
+            MetadataCatalog.get(name).set(**metadata)
+
+
+def file_hashes(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def file_stats(root):
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def load_json(path):
+    return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------ determinism
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(dataset, tmp_path):
+    again = generate_dataset(tmp_path / "again", seed=0, **SMALL)
+    other_seed = generate_dataset(tmp_path / "other", seed=1, **SMALL)
+    fewer = generate_dataset(tmp_path / "fewer", seed=0, num_train=4, num_val=3)
+    reference = file_hashes(dataset.root)
+    assert len(reference) == 6 + 3 + 2 + 1
+    assert file_hashes(again.root) == reference
+    different = file_hashes(other_seed.root)
+    assert different.keys() == reference.keys()
+    assert all(different[name] != reference[name] for name in reference)
+    # image i depends only on (seed, split, i); train and val are different streams
+    fewer_hashes = file_hashes(fewer.root)
+    assert all(fewer_hashes[f"train/{i:06d}.jpg"] == reference[f"train/{i:06d}.jpg"] for i in range(4))
+    assert reference["train/000000.jpg"] != reference["val/000000.jpg"]
+
+
+def test_json_has_sorted_keys_and_no_timestamps(dataset):
+    text = dataset.annotation_file("train").read_text()
+    document = json.loads(text)
+    assert text == json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n"
+    assert "date" not in json.dumps(document["info"]).lower()
+
+
+# ------------------------------------------------------------------ COCO validity and consistency
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_coco_masks_areas_and_boxes_are_consistent(dataset, split):
+    coco = COCO(str(dataset.annotation_file(split)))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CATEGORIES)
+    assert len(coco.getImgIds()) == SMALL[f"num_{split}"]
+    for image in coco.loadImgs(coco.getImgIds()):
+        with Image.open(dataset.image_dir(split) / image["file_name"]) as handle:
+            assert handle.format == "JPEG" and handle.size == (image["width"], image["height"])
+        assert 160 <= image["width"] <= 320 and 160 <= image["height"] <= 320
+        covered = np.zeros((image["height"], image["width"]), np.int32)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
+            mask = coco.annToMask(ann)
+            assert ann["iscrowd"] == 0 and ann["area"] == int(mask.sum()) > 0
+            ys, xs = np.nonzero(mask)
+            tight = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert np.allclose(ann["bbox"], tight, atol=1.0)
+            if isinstance(ann["segmentation"], list):
+                assert all(len(poly) >= 6 and len(poly) % 2 == 0 for poly in ann["segmentation"])
+            covered += mask
+        assert covered.max() <= 1   # visible parts never overlap
+
+
+def test_objects_per_image_and_sizes(dataset):
+    stats = dataset.statistics["train"]
+    annotations = load_json(dataset.annotation_file("train"))["annotations"]
+    per_image = np.bincount([a["image_id"] for a in annotations], minlength=7)[1:]
+    assert per_image.min() >= 2 and per_image.max() <= 8
+    assert stats["instances"] == len(annotations) == stats["small"] + stats["medium"] + stats["large"]
+
+
+def test_covers_small_medium_large_and_occlusion(dataset):
+    annotations = [a for split in ("train", "val") for a in load_json(dataset.annotation_file(split))["annotations"]]
+    areas = np.array([a["area"] for a in annotations])
+    assert (areas < 32 ** 2).any() and ((areas >= 32 ** 2) & (areas < 96 ** 2)).any() and (areas >= 96 ** 2).any()
+    ring_id = CATEGORIES.index("ring") + 1
+    assert any(isinstance(a["segmentation"], dict) and a["category_id"] != ring_id for a in annotations)
+    assert any(isinstance(a["segmentation"], list) for a in annotations)
+    assert _some_boxes_overlap(annotations)
+
+
+def _some_boxes_overlap(annotations):
+    for image_id in {a["image_id"] for a in annotations}:
+        boxes = [a["bbox"] for a in annotations if a["image_id"] == image_id]
+        for i, (x, y, w, h) in enumerate(boxes):
+            for (u, v, s, t) in boxes[i + 1:]:
+                if x < u + s and u < x + w and y < v + t and v < y + h:
+                    return True
+    return False
+
+
+def test_check_coco_dataset_accepts_the_generated_files(dataset):
+    summary = check_coco_dataset(dataset.annotation_file("val"), dataset.image_dir("val"))
+    assert summary["images"] == 3 and summary["categories"] == list(CATEGORIES)
+
+
+# ------------------------------------------------------------------ detectron2 registration
+
+def test_registration_is_idempotent_and_loads_with_detectron2(dataset, catalogs, tmp_path):
+    DatasetCatalog, MetadataCatalog = catalogs
+    assert register_shapes(dataset.root) == ("smallbn_shapes_train", "smallbn_shapes_val")
+    register_shapes(dataset.root)   # again: no error
+    dicts = DatasetCatalog.get("smallbn_shapes_train")
+    assert len(dicts) == 6 and all(d["annotations"] for d in dicts)
+    assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(len(CATEGORIES)))
+    for name in SHAPES_DATASETS:
+        metadata = MetadataCatalog.get(name)
+        assert metadata.thing_classes == list(CATEGORIES) and metadata.evaluator_type == "coco"
+    assert len(DatasetCatalog.get("smallbn_shapes_val")) == 3
+
+    register_shapes(tmp_path / "elsewhere")   # another root replaces the registration
+    assert MetadataCatalog.get("smallbn_shapes_train").json_file.startswith(str(tmp_path / "elsewhere"))
+    with pytest.raises(DatasetError, match=r"smallbn_shapes_train.*does not exist.*tools/make_dataset\.py"):
+        DatasetCatalog.get("smallbn_shapes_train")
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+def test_registered_dicts_go_through_the_bitmask_mapper(dataset, catalogs):
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetMapper
+
+    DatasetCatalog, _ = catalogs
+    register_shapes(dataset.root)
+    cfg = get_cfg()
+    cfg.MODEL.MASK_ON, cfg.INPUT.MASK_FORMAT = True, "bitmask"
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (192,), 320
+    mapper = DatasetMapper(cfg, is_train=True)
+    for record in DatasetCatalog.get("smallbn_shapes_train")[:3]:
+        instances = mapper(record)["instances"]
+        assert len(instances) == len(record["annotations"])
+        assert instances.gt_masks.tensor.shape[1:] == instances.image_size
+
+
+def test_register_does_not_generate(tmp_path, catalogs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("D2_SMALLBN_DATASETS", raising=False)
+    register_shapes()
+    assert catalogs[1].get("smallbn_shapes_val").image_root == str(Path.cwd() / "datasets" / "smallbn_shapes" / "val")
+    assert not (tmp_path / "datasets").exists()
+
+
+def test_default_root_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("D2_SMALLBN_DATASETS", raising=False)
+    assert default_root() == Path.cwd() / "datasets" / "smallbn_shapes"
+    monkeypatch.setenv("D2_SMALLBN_DATASETS", str(tmp_path / "elsewhere"))
+    assert default_root() == tmp_path / "elsewhere" / "smallbn_shapes"
+
+
+# ------------------------------------------------------------------ clear errors
+
+def test_missing_image_is_named(copied):
+    missing = copied / "train" / "000002.jpg"
+    missing.unlink()
+    with pytest.raises(DatasetError, match="does not exist") as info:
+        check_coco_dataset(copied / "annotations" / "instances_train.json", copied / "train")
+    assert str(missing) in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_truncated_json_is_named(copied):
+    path = copied / "annotations" / "instances_val.json"
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])
+    with pytest.raises(DatasetError, match="not valid JSON") as info:
+        check_coco_dataset(path, copied / "val")
+    assert str(path) in str(info.value)
+
+
+def test_dangling_image_and_category_ids_are_named(copied):
+    path = copied / "annotations" / "instances_train.json"
+    document = load_json(path)
+    document["annotations"][0]["image_id"] = 9999
+    path.write_text(json.dumps(document))
+    with pytest.raises(DatasetError, match=r"image_ids absent from 'images'.*9999") as info:
+        check_coco_dataset(path, copied / "train")
+    assert str(path) in str(info.value)
+
+    document["annotations"][0]["image_id"] = 1
+    document["annotations"][1]["category_id"] = 42
+    path.write_text(json.dumps(document))
+    with pytest.raises(DatasetError, match=r"category_ids absent from 'categories'.*42"):
+        check_coco_dataset(path, copied / "train")
+
+
+def test_missing_keys_are_named(copied):
+    path = copied / "annotations" / "instances_train.json"
+    document = load_json(path)
+    del document["annotations"][3]["bbox"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(DatasetError, match=r"annotations\[3\] lacks \['bbox'\]"):
+        check_coco_dataset(path, copied / "train")
+    del document["categories"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(DatasetError, match="categories"):
+        check_coco_dataset(path, copied / "train")
+
+
+def test_registered_loader_reports_broken_data_with_the_fix(copied, catalogs):
+    (copied / "val" / "000001.jpg").unlink()
+    register_shapes(copied)
+    with pytest.raises(DatasetError) as info:
+        catalogs[0].get("smallbn_shapes_val")
+    message = str(info.value)
+    assert "smallbn_shapes_val" in message and "000001.jpg" in message and "make_dataset.py" in message
+
+
+# ------------------------------------------------------------------ reuse and atomic regeneration
+
+def test_second_call_reuses_files_and_force_or_new_parameters_regenerate(tmp_path):
+    root = tmp_path / "shapes"
+    first = generate_dataset(root, seed=0, **SMALL)
+    before = file_stats(root)
+    second = generate_dataset(root, seed=0, **SMALL)
+    assert not first.reused and second.reused and second.statistics == first.statistics
+    assert file_stats(root) == before
+
+    forced = generate_dataset(root, seed=0, force=True, **SMALL)
+    assert not forced.reused
+    assert (root / "manifest.json").stat().st_ino != before["manifest.json"][0]
+
+    changed = generate_dataset(root, seed=0, num_train=6, num_val=2)
+    assert not changed.reused and changed.statistics["val"]["images"] == 2
+    assert sorted(p.name for p in (root / "val").iterdir()) == ["000000.jpg", "000001.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shapes.lock", "shapes"]
+
+
+def test_interrupted_runs_are_cleaned_up_and_regenerated(tmp_path, dataset):
+    root = tmp_path / "shapes"
+    leftover = tmp_path / ".shapes.tmp-99999"
+    (leftover / "train").mkdir(parents=True)
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "000000.jpg").write_bytes(b"half-written")    # no manifest: incomplete
+    result = generate_dataset(root, seed=0, **SMALL)
+    assert not result.reused and not leftover.exists()
+    assert file_hashes(root) == file_hashes(dataset.root)
+
+    (root / "val" / "000002.jpg").unlink()    # manifest present but files missing
+    assert not generate_dataset(root, seed=0, **SMALL).reused
+    assert file_hashes(root) == file_hashes(dataset.root)
+
+
+def test_foreign_directory_is_never_replaced(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "thesis.tex").write_text("precious")
+    with pytest.raises(DatasetError, match="thesis.tex"):
+        generate_dataset(root, seed=0, **SMALL)
+    assert (root / "thesis.tex").read_text() == "precious"
+
+
+def test_invalid_parameters_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="num_train"):
+        generate_dataset(tmp_path / "x", num_train=0)
+    with pytest.raises(ValueError, match="seed"):
+        generate_dataset(tmp_path / "x", seed=-1)
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ command line
+
+def test_cli_generates_in_a_subprocess_and_prints_locations(tmp_path):
+    env = {**os.environ, "D2_SMALLBN_DATASETS": str(tmp_path / "env")}
+    command = [sys.executable, str(SCRIPT), "--seed", "3", "--num-train", "4", "--num-val", "2"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "env" / "smallbn_shapes"
+    assert str(root / "annotations" / "instances_train.json") in result.stdout
+    assert str(root / "val") in result.stdout and "generated" in result.stdout
+    assert "train: 4 images" in result.stdout and "small" in result.stdout and "large" in result.stdout
+    check_coco_dataset(root / "annotations" / "instances_val.json", root / "val")
+
+
+def test_cli_reuses_and_reports_bad_arguments_without_traceback(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_dataset_cli", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    arguments = ["--root", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1"]
+    assert cli.main(arguments) == 0 and "generated" in capsys.readouterr().out
+    assert cli.main(arguments) == 0 and "reused" in capsys.readouterr().out
+    assert cli.main(arguments + ["--force"]) == 0 and "generated" in capsys.readouterr().out
+    assert cli.main(arguments + ["--num-val", "0"]) == 2
+    assert "num_val" in capsys.readouterr().err
