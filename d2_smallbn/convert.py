@@ -1,0 +1,592 @@
+"""Torchvision-style ResNet checkpoints -> detectron2 weights (a .pkl that DetectionCheckpointer loads).
+
+Used by ``tools/convert_weights.py``. Names (``module.`` prefixes of DataParallel removed first):
+
+    conv1.weight                     -> stem.conv1.weight
+    bn1.*                            -> stem.conv1.norm.*
+    layer{i}.{b}.conv{j}.weight      -> res{i+1}.{b}.conv{j}.weight     (bottleneck j=1..3, basic j=1..2)
+    layer{i}.{b}.bn{j}.*             -> res{i+1}.{b}.conv{j}.norm.*
+    layer{i}.{b}.downsample.0.weight -> res{i+1}.{b}.shortcut.weight
+    layer{i}.{b}.downsample.1.*      -> res{i+1}.{b}.shortcut.norm.*
+    fc.*                             -> dropped (or linear.* with keep_classifier)
+
+Convs map 1:1: weight standardization (WS) and centring (MABN) happen in the conv's forward, so a
+WS or weight-centralized checkpoint stores the raw weights under the usual names. Each norm is
+recognized by its keys and written for the target norm:
+
+    BN   weight, bias, running_mean, running_var[, num_batches_tracked]
+         -> bn/syncbn: the same; frozenbn/cbn: without num_batches_tracked; mabn: weight, bias and
+            running_sqmean = running_var + running_mean^2 (E[x^2]); bcn: the batch part (the group
+            affine then starts at 1/0)
+    GN   weight, bias only (GN+WS checkpoints)                     -> gn
+    BCN  bn.{weight, bias, running_mean, running_var} and the group affine gn.{weight, bias}
+         (or weight/bias beside the inner bn, as in the authors' code) of length G, or per channel
+         (length C, reduced to G values when constant within each group)
+         -> bcn: norm.{weight, bias, running_mean, running_var, group_weight, group_bias}
+    MABN weight, bias, running_sqmean (d2_smallbn's own)            -> mabn
+
+num_batches_tracked is kept for bn/syncbn (NORM "BN"/"SyncBN": the FrozenBatchNorm2d that FREEZE_AT
+makes from them has that buffer and reports it missing otherwise) and dropped for the others (a
+FrozenBatchNorm2d built by NORM "FrozenBN" has no such buffer and would report it unexpected).
+What has no exact counterpart in the target is reported as unmapped, key by key, with the reason.
+
+Loading (detectron2 0.7.2): DetectionCheckpointer reads a .pkl with "model" and "__author__" as is
+(any other .pkl is taken for Caffe2 and renamed, '_' -> '.'); matching_heuristics aligns names by
+suffix, so the file loads into a bare ResNet or into backbone.bottom_up of a detector; a key whose
+shape differs from the model's is skipped with a warning only. Shapes cannot reveal two mistakes,
+so the report lists the config the weights need: a bottleneck torchvision ResNet strides in the
+3x3 conv (MODEL.RESNETS.STRIDE_IN_1X1: False), and torchvision's input is RGB with ImageNet
+mean/std. Also, FrozenBatchNorm2d fills running_mean/running_var it does not find with 0/1 without
+reporting them missing, so a GN checkpoint "loads" into a FrozenBN model silently.
+"""
+import fnmatch
+import json
+import os
+import pickle
+import re
+from collections import Counter
+
+AUTHOR = "d2_smallbn convert_weights"
+TARGETS = ("auto", "bn", "frozenbn", "syncbn", "cbn", "mabn", "bcn", "gn")
+BN_TARGETS = ("bn", "frozenbn", "syncbn", "cbn")  # norms that keep BN's running_mean/running_var
+# ... and have a num_batches_tracked buffer: torch's BatchNorm2d/SyncBatchNorm, and detectron2's
+# FrozenBatchNorm2d made from them by FREEZE_AT (convert_frozen_batchnorm copies the buffer); a
+# FrozenBatchNorm2d built directly (NORM "FrozenBN") has none.
+BN_COUNTER_TARGETS = ("bn", "syncbn")
+NATURAL_TARGET = {"BN": "bn", "GN": "gn", "BCN": "bcn", "MABN": "mabn"}
+# State a model of that norm has but a converted checkpoint does not carry: the layer starts it
+# fresh, and DetectionCheckpointer lists it as "missing" (glob patterns over model keys).
+EXPECTED_MISSING = {
+    "mabn": ["*.norm.num_steps", "*.norm.sqmean_buffer", "*.norm.psi_buffer"],
+    "bcn": ["*.norm.update_rate"],
+}
+
+_NORM_RE = re.compile(r"^(?P<mod>bn1|layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?:bn(?P<j>\d)|downsample\.1))"
+                      r"\.(?P<rest>.+)$")
+_CONV_RE = re.compile(r"^(?P<mod>conv1|layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?:conv(?P<j>\d)|downsample\.0))"
+                      r"\.(?P<leaf>weight|bias)$")
+_FC_RE = re.compile(r"^fc\.(?P<leaf>weight|bias)$")
+_STATE_DICT_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "network")
+
+
+class ConvertError(Exception):
+    """A checkpoint or output that cannot be used; ``str()`` is one line: file, problem, fix."""
+
+    def __init__(self, path, problem, fix):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{self.path}: {problem}. Fix: {fix}")
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def load_checkpoint(path, trust_pickle=False):
+    """The state dict (name -> tensor) of a torch checkpoint file. The file is read with
+    ``torch.load(weights_only=True)``; ``trust_pickle`` allows arbitrary pickled objects (only
+    for files you trust: unpickling can run code)."""
+    if not os.path.isfile(path):
+        raise ConvertError(path, "checkpoint not found" if not os.path.exists(path) else "checkpoint is not a file",
+                           "check the path")
+    import torch  # after the cheap checks: the import takes seconds
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if trust_pickle:
+            raise ConvertError(path, f"checkpoint cannot be unpickled ({_first_line(e)})",
+                               "pass a file written by torch.save") from None
+        raise ConvertError(path, f"checkpoint holds objects other than tensors and containers ({_first_line(e)})",
+                           "re-run with --trust-pickle if you trust the file (unpickling can run code)") from None
+    except Exception as e:  # torch raises RuntimeError / EOFError / ValueError for damaged files
+        raise ConvertError(path, f"checkpoint cannot be read by torch.load ({type(e).__name__}: {_first_line(e)})",
+                           "pass a complete checkpoint written by torch.save (a truncated download?)") from None
+    state = find_state_dict(obj)
+    if state is None:
+        top = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+        raise ConvertError(path, f"no state dict of tensors found (top level: {top})",
+                           "pass a checkpoint holding a model's state_dict (directly or under 'state_dict' / "
+                           "'model')")
+    return state
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def find_state_dict(obj, depth=0):
+    """The name -> tensor mapping inside a loaded checkpoint: the object itself, or one found under
+    state_dict / model / model_state / net (nested at most 3 deep). None if there is none."""
+    import torch
+
+    if not isinstance(obj, dict) or depth > 3:
+        return None
+    if obj and sum(torch.is_tensor(v) for v in obj.values()) * 2 > len(obj):
+        return dict(obj)
+    for key in _STATE_DICT_KEYS:
+        found = find_state_dict(obj.get(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+# ---- conversion -------------------------------------------------------------------------------
+
+def strip_module_prefix(state):
+    """Removes DataParallel's leading ``module.`` (repeated) from every key. Returns (state, count)."""
+    out, stripped = {}, 0
+    for key, value in state.items():
+        new = key
+        while new.startswith("module."):
+            new = new[len("module."):]
+        stripped += new != key
+        if new in out:
+            raise ValueError(f"keys {key!r} and another one both become {new!r} without 'module.'")
+        out[new] = value
+    return out, stripped
+
+
+def _d2_module(m):
+    """detectron2 module name for a torchvision ResNet conv/norm match."""
+    if m.group("mod") in ("conv1", "bn1"):
+        return "stem.conv1"
+    base = f"res{int(m.group('stage')) + 1}.{m.group('block')}"
+    return f"{base}.conv{m.group('j')}" if m.group("j") else f"{base}.shortcut"
+
+
+def _vector(t):
+    """A tensor with at most one dimension longer than 1 as a 1-D tensor ((1, G, 1) -> (G,)), else None."""
+    if t.dim() == 1:
+        return t
+    if sum(s > 1 for s in t.shape) <= 1:
+        return t.reshape(-1)
+    return None
+
+
+def classify_norm(sub):
+    """The layout of one norm's keys (relative to the norm): "BN", "GN", "BCN", "MABN" or None."""
+    if any(k.startswith("bn.") for k in sub):
+        return "BCN"
+    if "running_sqmean" in sub:
+        return "MABN"
+    if "running_mean" in sub and "running_var" in sub:
+        return "BN"
+    if "weight" in sub and set(sub) <= {"weight", "bias"}:
+        return "GN"
+    return None
+
+
+class _NormResult:
+    def __init__(self):
+        self.out = {}          # dst leaf -> (tensor, how, [src leaves])
+        self.dropped = []      # (src leaf, reason)
+        self.unmapped = []     # (src leaf, reason)
+        self.notes = []
+
+
+def _batch_part(sub, target, res, prefix=""):
+    """BN statistics and per-channel affine (``prefix`` "bn." for BCN's inner BN) for a target norm."""
+    family = "bn" if target in BN_TARGETS else target
+    for leaf in ("weight", "bias"):
+        if prefix + leaf in sub:
+            res.out[leaf] = (sub[prefix + leaf], "copy", [prefix + leaf])
+    mean, var = sub.get(prefix + "running_mean"), sub.get(prefix + "running_var")
+    if family == "mabn":
+        sqmean = (var.double() + mean.double() ** 2).to(var.dtype)
+        res.out["running_sqmean"] = (sqmean, "running_var + running_mean^2",
+                                     [prefix + "running_var", prefix + "running_mean"])
+    else:
+        res.out["running_mean"] = (mean, "copy", [prefix + "running_mean"])
+        res.out["running_var"] = (var, "copy", [prefix + "running_var"])
+    known = {prefix + k for k in ("weight", "bias", "running_mean", "running_var")}
+    for leaf in sub:
+        if leaf == prefix + "num_batches_tracked":
+            # Kept for BN/SyncBN: their frozen stages become FrozenBatchNorm2d with this buffer, which,
+            # unlike torch's BatchNorm2d, does not fill it in when the checkpoint lacks it.
+            if target in BN_COUNTER_TARGETS:
+                res.out["num_batches_tracked"] = (sub[leaf], "copy", [leaf])
+            else:
+                res.dropped.append((leaf, f"num_batches_tracked: a BN counter that a {target.upper()} norm does "
+                                          "not have"))
+        elif leaf.startswith(prefix) and leaf not in known:
+            res.unmapped.append((leaf, "not part of a BatchNorm (no counterpart in the target norm)"))
+
+
+def _group_affine(weight, bias, channels, num_groups, res, src_leaves):
+    """BCN's group affine (length G, or length C constant within groups) as group_weight/group_bias."""
+    import torch
+
+    w, b = _vector(weight), _vector(bias) if bias is not None else None
+    if w is None or (bias is not None and b is None) or (b is not None and b.numel() != w.numel()):
+        shapes = f"{tuple(weight.shape)}" + (f" and {tuple(bias.shape)}" if bias is not None else "")
+        for leaf in src_leaves:
+            res.unmapped.append((leaf, f"group affine of shape {shapes} is not a vector of one length"))
+        return
+    length = w.numel()
+    if length == num_groups and channels % length == 0:
+        how = "copy (one value per group)"
+    elif length == channels:
+        if channels % num_groups:
+            for leaf in src_leaves:
+                res.unmapped.append((leaf, f"per-channel group affine (length {channels}) cannot be reduced to "
+                                     f"{num_groups} groups: {num_groups} does not divide {channels} (--num-groups)"))
+            return
+        per = channels // num_groups
+        constant = all(torch.equal(v.view(num_groups, per), v.view(num_groups, per)[:, :1].expand(-1, per))
+                       for v in (w, b) if v is not None)
+        if not constant:
+            for leaf in src_leaves:
+                res.unmapped.append((leaf, f"per-channel group affine (length {channels}) varies within groups of "
+                                     f"{per} channels; BatchChannelNorm2d has one scale and shift per group "
+                                     f"(G={num_groups}), so it cannot be mapped exactly"))
+            return
+        w, b = w.view(num_groups, per)[:, 0].clone(), (b.view(num_groups, per)[:, 0].clone() if b is not None else None)
+        how = f"per-channel (length {channels}), constant within {num_groups} groups: one value per group"
+    elif channels % length == 0:
+        how = "copy (one value per group)"
+        res.notes.append(f"group affine has {length} groups, not --num-groups {num_groups}: the model needs "
+                         f"MODEL.SMALLBN.BCN.NUM_GROUPS = {length}")
+    else:
+        for leaf in src_leaves:
+            res.unmapped.append((leaf, f"group affine of length {length} is neither per channel ({channels}) nor "
+                                 f"per group (a divisor of {channels})"))
+        return
+    res.out["group_weight"] = (w, how, [src_leaves[0]])
+    if b is not None:
+        res.out["group_bias"] = (b, how, [src_leaves[1]])
+
+
+def convert_norm(sub, kind, target, num_groups):
+    """One norm's keys (``sub``: leaf -> tensor) of layout ``kind`` for ``target``. Returns _NormResult."""
+    res = _NormResult()
+    family = "bn" if target in BN_TARGETS else target
+
+    def unmap_all(reason):
+        res.unmapped.extend((leaf, reason) for leaf in sub)
+        return res
+
+    if kind is None:
+        return unmap_all(f"unrecognized norm layout (keys {', '.join(sorted(sub))})")
+    if kind == "BN":
+        if family == "gn":
+            return unmap_all("a BatchNorm cannot become a GroupNorm (no per-group statistics); use a GN-pretrained "
+                             "checkpoint, or --target-norm bn/mabn/bcn")
+        _batch_part(sub, target, res)
+        if family == "bcn":
+            res.notes.append("BN into BCN: group_weight/group_bias are not in the checkpoint and start at 1/0")
+        return res
+    if kind == "GN":
+        if family != "gn":
+            return unmap_all(f"a GroupNorm (affine only) has no batch statistics for a {target.upper()} target; "
+                             "use --target-norm gn")
+        for leaf in sub:
+            res.out[leaf] = (sub[leaf], "copy", [leaf])
+        return res
+    if kind == "MABN":
+        if family != "mabn":
+            return unmap_all(f"an MABN norm (E[x^2] only, no mean) cannot become {target.upper()}")
+        for leaf in sub:
+            if leaf in ("weight", "bias", "running_sqmean"):
+                res.out[leaf] = (sub[leaf], "copy", [leaf])
+            elif leaf in ("num_steps", "sqmean_buffer", "psi_buffer"):
+                res.dropped.append((leaf, "MABN training state: starts fresh"))
+            else:
+                res.unmapped.append((leaf, "not part of an MABN norm"))
+        return res
+    # BCN: inner BN ("bn.") plus the group affine ("gn.weight/bias", or "weight/bias" beside the inner BN)
+    if family == "gn":
+        return unmap_all("a BCN norm cannot become a GroupNorm (its batch part has no counterpart)")
+    if "bn.running_mean" not in sub or "bn.running_var" not in sub:
+        return unmap_all("BCN norm without bn.running_mean/bn.running_var")
+    _batch_part({k: v for k, v in sub.items() if k.startswith("bn.")}, target, res, prefix="bn.")
+    channels = sub["bn.running_mean"].numel()
+    if "gn.weight" in sub:
+        affine = ["gn.weight"] + (["gn.bias"] if "gn.bias" in sub else [])
+    elif "weight" in sub:
+        affine = ["weight"] + (["bias"] if "bias" in sub else [])
+    else:
+        affine = []
+    rest = [leaf for leaf in sub if not leaf.startswith("bn.") and leaf not in affine]
+    for leaf in rest:
+        res.unmapped.append((leaf, "not part of a BCN norm's batch part or group affine"))
+    if not affine:
+        res.notes.append("BCN norm without a group affine: group_weight/group_bias start at 1/0")
+    elif family != "bcn":
+        for leaf in affine:
+            res.unmapped.append((leaf, f"the group part of BCN has no counterpart in a {target.upper()} norm"))
+    else:
+        _group_affine(sub[affine[0]], sub[affine[1]] if len(affine) > 1 else None, channels, num_groups, res,
+                      affine)
+    return res
+
+
+def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier=False):
+    """Converts a torchvision-style ResNet state dict. Returns a report dict whose "model" entry is the
+    detectron2 state dict (name -> tensor); see ``convert_file`` for the other entries."""
+    import torch
+
+    if target_norm not in TARGETS:
+        raise ValueError(f"target norm must be one of {TARGETS}, got {target_norm!r}")
+    state, stripped = strip_module_prefix(state)
+    model, mapping, dropped, unmapped, notes = {}, [], [], [], []
+    layouts, targets_used = Counter(), Counter()
+    norms = {}  # torchvision norm module -> (d2 norm module, {leaf: tensor})
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            unmapped.append((key, f"not a tensor ({type(value).__name__})"))
+            continue
+        m = _CONV_RE.match(key)
+        if m:
+            dst = f"{_d2_module(m)}.{m.group('leaf')}"
+            model[dst] = value
+            mapping.append((dst, [key], "copy"))
+            continue
+        m = _NORM_RE.match(key)
+        if m:
+            norms.setdefault(m.group("mod"), (_d2_module(m) + ".norm", {}))[1][m.group("rest")] = value
+            continue
+        m = _FC_RE.match(key)
+        if m:
+            if keep_classifier:
+                model[f"linear.{m.group('leaf')}"] = value
+                mapping.append((f"linear.{m.group('leaf')}", [key], "copy"))
+            else:
+                dropped.append((key, "ImageNet classifier: a detection backbone has none (--keep-classifier "
+                                     "writes it as linear.*)"))
+            continue
+        unmapped.append((key, "not a torchvision ResNet key (conv1, bn1, layer1-4, fc)"))
+
+    for src_mod, (dst_mod, sub) in norms.items():
+        kind = classify_norm(sub)
+        layouts[kind or "unrecognized"] += 1
+        target = NATURAL_TARGET.get(kind, "bn") if target_norm == "auto" else target_norm
+        targets_used[target] += 1
+        res = convert_norm(sub, kind, target, num_groups)
+        for leaf, (tensor, how, src_leaves) in res.out.items():
+            vec = _vector(tensor) if tensor.dim() > 1 else None  # vectors stored as (1, C, 1, 1) or (1, G, 1)
+            if vec is not None:
+                how += f" (flattened from {tuple(tensor.shape)})"
+                tensor = vec
+            model[f"{dst_mod}.{leaf}"] = tensor
+            mapping.append((f"{dst_mod}.{leaf}", [f"{src_mod}.{s}" for s in src_leaves], how))
+        dropped += [(f"{src_mod}.{leaf}", reason) for leaf, reason in res.dropped]
+        unmapped += [(f"{src_mod}.{leaf}", reason) for leaf, reason in res.unmapped]
+        notes += [f"{src_mod}: {n}" for n in res.notes]
+
+    expected = {p for t in targets_used for p in EXPECTED_MISSING.get(t, [])
+                if t != "bcn" or any(k.endswith(".norm.group_weight") for k in model)}
+    if any(k.endswith(".norm.running_var") and k[: -len("running_var")] + "num_batches_tracked" not in model
+           for k in model) and set(targets_used) & set(BN_COUNTER_TARGETS):
+        expected.add("*.norm.num_batches_tracked")  # FrozenBatchNorm2d reports it when absent
+    return {
+        "model": model,
+        "config_hints": config_hints(state, targets_used, report_groups(model, num_groups)),
+        "module_prefix_stripped": stripped,
+        "target_norm": target_norm,
+        "targets_used": dict(targets_used),
+        "num_groups": num_groups,
+        "source_norm_layouts": dict(layouts),
+        "mapped": [{"to": dst, "from": src, "how": how} for dst, src, how in mapping],
+        "dropped": [{"key": k, "reason": r} for k, r in dropped],
+        "unmapped": [{"key": k, "reason": r} for k, r in unmapped],
+        "notes": _dedupe_notes(notes),
+        "expected_missing_on_load": sorted(expected),
+    }
+
+
+_DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50, (3, 4, 23, 3, True): 101,
+           (3, 8, 36, 3, True): 152}
+_NORM_NAMES = {"bn": "BN", "frozenbn": "FrozenBN", "syncbn": "SyncBN", "cbn": "CBN", "mabn": "MABN", "bcn": "BCN",
+               "gn": "GN"}
+
+
+def report_groups(model, default):
+    """The BCN group count of the converted group affines (``default`` if there are none)."""
+    sizes = {v.numel() for k, v in model.items() if k.endswith(".norm.group_weight")}
+    return sizes.pop() if len(sizes) == 1 else default
+
+
+def config_hints(state, targets_used, groups):
+    """detectron2 config values these weights need (depth, stride placement, input format, norm)."""
+    blocks = Counter()
+    for key in state:
+        m = re.match(r"^layer([1-4])\.(\d+)\.", key)
+        if m:
+            blocks[int(m.group(1))] = max(blocks[int(m.group(1))], int(m.group(2)) + 1)
+    bottleneck = any(re.match(r"^layer[1-4]\.\d+\.(conv3|bn3)\.", k) for k in state)
+    hints = {}
+    depth = _DEPTHS.get(tuple(blocks[i] for i in range(1, 5)) + (bottleneck,))
+    if depth:
+        hints["MODEL.RESNETS.DEPTH"] = depth
+    if bottleneck:
+        # torchvision strides in the 3x3 conv; detectron2's default (Caffe2 weights) is the 1x1
+        hints["MODEL.RESNETS.STRIDE_IN_1X1"] = False
+    elif blocks:
+        hints["MODEL.RESNETS.RES2_OUT_CHANNELS"] = 64  # required by detectron2 for R18/R34
+    if len(targets_used) == 1:
+        target = next(iter(targets_used))
+        hints["MODEL.RESNETS.NORM"] = _NORM_NAMES[target]
+        if target == "bcn":
+            hints["MODEL.SMALLBN.BCN.NUM_GROUPS"] = groups
+    # torchvision's ImageNet preprocessing (RGB, mean/std in 0-255 units); detectron2's defaults are Caffe2's BGR
+    hints["INPUT.FORMAT"] = "RGB"
+    hints["MODEL.PIXEL_MEAN"] = [123.675, 116.28, 103.53]
+    hints["MODEL.PIXEL_STD"] = [58.395, 57.12, 57.375]
+    return hints
+
+
+def _dedupe_notes(notes):
+    """Per-norm notes that repeat for every norm are listed once, with the count."""
+    by_text = Counter(n.split(": ", 1)[1] for n in notes)
+    out, seen = [], set()
+    for n in notes:
+        text = n.split(": ", 1)[1]
+        if by_text[text] > 1:
+            if text not in seen:
+                seen.add(text)
+                out.append(f"{by_text[text]} norms: {text}")
+        else:
+            out.append(n)
+    return out
+
+
+def is_expected_missing(key, patterns):
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def to_numpy(tensor):
+    import torch
+
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.float()
+    return t.contiguous().numpy().copy()
+
+
+def save_d2_pickle(model, path):
+    """Writes {"model": {name: ndarray}, "__author__": AUTHOR, "matching_heuristics": True}.
+
+    DetectionCheckpointer reads a ``.pkl`` with "model" and "__author__" as detectron2 format; an
+    author other than "Caffe2" skips the Caffe2 renaming (which would turn '_' into '.', e.g.
+    running_sqmean into running.sqmean); matching_heuristics aligns names by suffix, so the keys
+    also load into a backbone nested in a detector (backbone.bottom_up.res2...)."""
+    data = {"model": {k: to_numpy(v) for k, v in model.items()}, "__author__": AUTHOR, "matching_heuristics": True}
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(data, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConvertError(path, f"output cannot be written ({e.strerror or e})",
+                           "pass a writable output path") from None
+
+
+def default_report_path(output):
+    return os.path.splitext(output)[0] + ".report.json"
+
+
+def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier=False, report_path=None,
+                 trust_pickle=False):
+    """Reads ``src``, converts, writes ``output`` (.pkl) and the JSON report. Returns the report
+    (without the tensors). Raises ConvertError for unusable files."""
+    if not output.endswith(".pkl"):
+        raise ConvertError(output, "output does not end with .pkl",
+                           "name it *.pkl: detectron2 picks the loader by extension, and only .pkl is read "
+                           "as a name -> array dict")
+    state = load_checkpoint(src, trust_pickle=trust_pickle)
+    try:
+        report = convert_state_dict(state, target_norm, num_groups, keep_classifier)
+    except ValueError as e:
+        raise ConvertError(src, str(e), "pass a single model's state dict") from None
+    model = report.pop("model")
+    if not model:
+        raise ConvertError(src, f"no torchvision ResNet keys found ({len(state)} keys, e.g. "
+                           f"{', '.join(list(state)[:3])})",
+                           "pass a ResNet checkpoint with conv1/bn1/layer1-4 keys")
+    save_d2_pickle(model, output)
+    report = {"source": os.path.abspath(src), "output": os.path.abspath(output),
+              "num_source_keys": len(state), "num_output_keys": len(model), **report}
+    report_path = report_path or default_report_path(output)
+    report["report"] = os.path.abspath(report_path)
+    try:
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    except OSError as e:
+        raise ConvertError(report_path, f"report cannot be written ({e.strerror or e})",
+                           "pass --report with a writable path") from None
+    return report
+
+
+def format_report(report):
+    lines = [f"converted {report['source']} -> {report['output']}",
+             f"  {report['num_output_keys']} tensors written from {report['num_source_keys']} keys"
+             + (f" ('module.' removed from {report['module_prefix_stripped']})" if report["module_prefix_stripped"]
+                else ""),
+             "  norms found: " + (", ".join(f"{k} x{n}" for k, n in sorted(report["source_norm_layouts"].items()))
+                                  or "none")
+             + "; written for: " + (", ".join(f"{t} x{n}" for t, n in sorted(report["targets_used"].items()))
+                                    or "-")]
+    derived = Counter(m["how"] for m in report["mapped"] if m["how"] != "copy")
+    for how, n in sorted(derived.items()):
+        lines.append(f"  {n} x {how}")
+    for note in report["notes"]:
+        lines.append(f"  note: {note}")
+    hints = report.get("config_hints") or {}
+    if hints:
+        lines.append("  config for these weights (input settings: if trained with torchvision's preprocessing):")
+        lines += [f"    {k}: {json.dumps(v)}" for k, v in hints.items()]
+    reasons = Counter(d["reason"] for d in report["dropped"])
+    for reason, n in sorted(reasons.items()):
+        lines.append(f"  dropped {n} key{'s' if n > 1 else ''}: {reason}")
+    if report["expected_missing_on_load"]:
+        lines.append("  loading will list as missing (state the layer starts fresh): "
+                     + ", ".join(report["expected_missing_on_load"]))
+    if report["unmapped"]:
+        lines.append(f"UNMAPPED: {len(report['unmapped'])} key(s) could not be mapped:")
+        lines += [f"  {u['key']}: {u['reason']}" for u in report["unmapped"]]
+    else:
+        lines.append("every key was mapped")
+    lines.append(f"report: {report['report']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """The command line of tools/convert_weights.py. Exit codes: 0 done; 1 unmapped keys with
+    --strict (the output is still written); 2 unusable input or output."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="convert_weights.py",
+        description="Convert a torchvision-style ResNet checkpoint (BN, GN+WS, BCN+WS, weight-centralized) "
+                    "into a detectron2 .pkl for d2_smallbn's norms.")
+    parser.add_argument("input", help="torch checkpoint (.pth/.pt/.tar), optionally DataParallel ('module.')")
+    parser.add_argument("output", help="detectron2 weights to write (*.pkl), for MODEL.WEIGHTS")
+    parser.add_argument("--target-norm", default="auto", choices=TARGETS,
+                        help="MODEL.RESNETS.NORM of the model that will load the weights (auto: BN->bn, GN->gn, "
+                             "BCN->bcn); bn/frozenbn/syncbn/cbn keep the BN statistics (num_batches_tracked only for "
+                             "bn/syncbn); mabn writes running_sqmean = running_var + running_mean^2")
+    parser.add_argument("--num-groups", type=int, default=32,
+                        help="BCN groups (MODEL.SMALLBN.BCN.NUM_GROUPS), to reduce a per-channel group affine")
+    parser.add_argument("--keep-classifier", action="store_true", help="write fc.* as linear.* instead of dropping it")
+    parser.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
+    parser.add_argument("--strict", action="store_true", help="exit with 1 if any key could not be mapped")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow checkpoints with arbitrary pickled objects (unpickling can run code)")
+    args = parser.parse_args(argv)
+    if args.num_groups < 1:
+        parser.error("--num-groups must be >= 1")
+    try:
+        report = convert_file(args.input, args.output, args.target_norm, args.num_groups, args.keep_classifier,
+                              args.report, args.trust_pickle)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.strict and report["unmapped"]:
+        print(f"error: {len(report['unmapped'])} key(s) of {args.input} could not be mapped (--strict)",
+              file=sys.stderr)
+        return 1
+    return 0
