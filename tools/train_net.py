@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train or evaluate a d2_smallbn model with detectron2's launcher.
 
-    python tools/train_net.py --config-file configs/mask_rcnn_R50_FPN_cbn.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/mask_rcnn_R50_FPN_cbn.yaml --num-gpus 4
     python tools/train_net.py --config-file mask_rcnn_R50_FPN_cbn.yaml --eval-only MODEL.WEIGHTS model.pth
     python tools/train_net.py --config-file ... --resume
 

@@ -164,7 +164,9 @@ def convert_model(model, cfg=None, prefix=""):
     warmups = {"backbone": s.MABN.WARMUP_ITERS, "fpn": s.MABN.FPN_WARMUP_ITERS, "heads": s.MABN.HEADS_WARMUP_ITERS}
     for name, module in model.named_modules():
         if isinstance(module, SMALLBN_NORM_TYPES):
-            module.__dict__.pop("_unconverted", None)
+            guard = module.__dict__.pop("_unconverted", None)
+            if guard is not None:
+                guard.remove()
             if isinstance(module, MovingAverageBatchNorm2d):
                 module.warmup_iters = warmups[_scope(prefix + name, has_bottom_up)]
             params = list(module.parameters())

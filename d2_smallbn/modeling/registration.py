@@ -16,18 +16,30 @@ STOCK_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "nai
 
 
 def _replace_everywhere(original, replacement):
-    for name, module in list(sys.modules.items()):
-        if name.startswith("detectron2") and module is not None:
-            for attr, value in list(vars(module).items()):
-                if value is original:
-                    setattr(module, attr, replacement)
+    """Every loaded module's global bound to ``original`` (detectron2's own, and a user script's
+    ``from detectron2.modeling import build_model`` made before ``import d2_smallbn``)."""
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attr, value in list(namespace.items()):
+            if value is original:
+                setattr(module, attr, replacement)
+
+
+def _refuse_unconverted(module, args):
+    raise RuntimeError(
+        f"This {type(module).__name__} was created by name but the conv before it was never converted "
+        "(it would run without its conv: no CBN window, no weight centring, no WS). Build models with "
+        "detectron2.modeling.build_model after `import d2_smallbn`, or call "
+        "d2_smallbn.modeling.convert_model(model, cfg).")
 
 
 def _wrap_get_norm(original):
     def get_norm(norm, out_channels):
         if isinstance(norm, str) and norm in SMALLBN_NORMS:
             module = build_norm(norm, out_channels)
-            module._unconverted = True  # cleared by the conversion pass
+            module._unconverted = module.register_forward_pre_hook(_refuse_unconverted)  # removed by conversion
             return module
         try:
             return original(norm, out_channels)

@@ -172,3 +172,13 @@ def test_loading_a_bn_checkpoint_maps_statistics_and_logs_it(tmp_path, caplog):
     mabn = model.backbone.bottom_up.res3[0].conv1.norm
     torch.testing.assert_close(mabn.running_sqmean, bn.running_var + bn.running_mean ** 2)
     assert "running_sqmean = running_var + running_mean^2" in caplog.text
+
+
+def test_a_named_norm_whose_conv_was_never_converted_refuses_to_run():
+    conv = Conv2d(8, 16, 3, padding=1, bias=False, norm=get_norm("MABN", 16))
+    with pytest.raises(RuntimeError, match="never converted"):
+        conv(torch.randn(2, 8, 5, 5))
+    from d2_smallbn.modeling import convert_model
+    wrapper = torch.nn.Sequential(conv)
+    convert_model(wrapper)
+    assert type(wrapper[0]) is CenteredConv2d and wrapper[0](torch.randn(2, 8, 5, 5)).shape == (2, 16, 5, 5)
