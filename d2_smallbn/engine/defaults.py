@@ -37,6 +37,7 @@ def build_config(config_file, opts=()):
 
 
 def setup(args):
+    args.config_file = resolve_config_file(args.config_file)  # detectron2's default_setup reads it
     cfg = build_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
