@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project's Python 3.10 environment with the pinned stack, and
-# links it at ./.venv. The environment lives in a cache keyed by the hash of the pinned
-# requirements, so re-running is instant and several clones share one ~5 GB install.
+# Creates (or reuses) the project's Python 3.10 environment at ./.venv.
+#
+# The pinned dependencies (~5 GB) are installed once into a cache keyed by the hash of
+# requirements/pinned.txt (~/.cache/d2_smallbn/deps-<hash>). Each checkout gets a small venv of
+# its own that sees the cache through a .pth file and holds an editable install of that checkout,
+# so several clones share one install without pointing at each other's code.
+# Re-running is fast and changes nothing; an interrupted build has no marker and is redone.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 req="$root/requirements/pinned.txt"
@@ -19,20 +23,29 @@ if [ -z "$python" ]; then
   echo "install it or set D2_SMALLBN_PYTHON=/path/to/python3.10." >&2
   exit 1
 fi
-key="$(cat "$req" | sha256sum | cut -c1-16)"
-cache="${D2_SMALLBN_ENV_CACHE:-$HOME/.cache/d2_smallbn}/venv-$key"
-if [ ! -f "$cache/.complete" ]; then
-  # An interrupted build never has the marker, so it is discarded and rebuilt, never half-used.
-  echo "setup_env: building $cache (about 2-3 minutes on a fresh machine)"
-  rm -rf "$cache"
-  "$python" -m venv "$cache"
-  "$cache/bin/python" -m pip install --quiet --upgrade pip
-  "$cache/bin/python" -m pip install --quiet -r "$req"
-  touch "$cache/.complete"
+
+key="$(sha256sum < "$req" | cut -c1-16)"
+deps="${D2_SMALLBN_ENV_CACHE:-$HOME/.cache/d2_smallbn}/deps-$key"
+if [ ! -f "$deps/.complete" ]; then
+  echo "setup_env: installing the pinned stack into $deps (about 2-3 minutes on a fresh machine)"
+  rm -rf "$deps"
+  "$python" -m venv "$deps"
+  "$deps/bin/python" -m pip install --quiet --upgrade pip
+  "$deps/bin/python" -m pip install --quiet -r "$req"
+  touch "$deps/.complete"
 fi
-ln -sfn "$cache" "$root/.venv"
-# Editable install of this package; no dependencies, so a user's own detectron2 is never touched.
-if ! (cd / && "$root/.venv/bin/python" -c "import d2_smallbn, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(d2_smallbn.__file__)) == '$root' else 1)") 2>/dev/null; then
-  "$root/.venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
+
+venv="$root/.venv"
+if [ -L "$venv" ] || { [ -e "$venv" ] && [ ! -f "$venv/.d2_smallbn-$key" ]; }; then
+  rm -rf "$venv"  # an older layout or other pinned deps
 fi
-echo "setup_env: ready: $root/.venv"
+if [ ! -f "$venv/.d2_smallbn-$key" ]; then
+  "$python" -m venv "$venv"
+  deps_site="$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  venv_site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$deps_site" > "$venv_site/d2_smallbn_deps.pth"
+  # Editable install of this checkout only; no dependencies, so a user's own detectron2 is never touched.
+  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
+  touch "$venv/.d2_smallbn-$key"
+fi
+echo "setup_env: ready: $venv"
