@@ -1,0 +1,160 @@
+"""Smoke tests of tools/benchmark.py, tools/study_cbn_fidelity.py and tools/study_mabn_premise.py at
+tiny sizes: each runs as a script and writes every output it promises, with well-formed numbers.
+Timings and study outcomes are never asserted (one thread each, so a busy machine cannot stall
+their parallel regions)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOOLS = REPO_ROOT / "tools"
+
+ALL_SETTINGS = ("frozen_none", "frozen_bn", "frozen_gn", "frozen_cbn", "bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws")
+TARGETS = {"cbn_fpn_heads_train", "mabn_train", "bcn_ws_train", "frozen_cbn_folded_infer", "cbn_folded_infer",
+           "mabn_folded_infer", "cbn_fpn_heads_memory", "cbn_memory"}
+
+
+def _run(script, *args):
+    cmd = [sys.executable, str(TOOLS / script), "--threads", "1", *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _non_negative(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+def _check_png(path, min_width=600, min_height=300):
+    assert path.is_file() and path.stat().st_size > 10_000, path
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size[0] >= min_width and img.size[1] >= min_height, img.size
+
+
+def _check_summary(s):
+    assert all(_positive(s[k]) for k in ("median", "p25", "p75", "min", "max")), s
+    assert s["min"] <= s["p25"] <= s["median"] <= s["p75"] <= s["max"]
+
+
+def test_benchmark_tiny(tmp_path):
+    out = tmp_path / "bench"
+    requested = ["frozen_cbn", "cbn", "mabn", "bcn_ws"]
+    proc = _run("benchmark.py", "--tiny", "--settings", ",".join(requested), "--iters", "1", "--warmup", "0",
+                "--device", "cpu", "--out", str(out))
+    report = json.loads((out / "benchmark.json").read_text())
+    cfg = report["config"]
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert report["torch_version"] and report["detectron2_version"]
+    assert cfg["size"] == [64, 96] and cfg["depth"] == 18 and cfg["batch"] == 2 and cfg["tiny"] is True
+    # the references every requested setting is compared with were added, in canonical order
+    expected = ("frozen_none", "frozen_bn", "frozen_cbn", "bn", "gn_ws", "cbn", "mabn", "bcn_ws")
+    assert cfg["settings"] == list(expected)
+    assert set(cfg["added_references"]) == {"frozen_none", "frozen_bn", "bn", "gn_ws"}
+    assert cfg["primed_steps"]["mabn"] >= cfg["mabn_buffer_size"] and cfg["primed_steps"]["cbn"] >= 1
+
+    res = report["results"]
+    for section in ("train", "infer", "infer_folded"):
+        assert set(res[section]) == set(expected)
+        for key, entry in res[section].items():
+            assert _positive(entry["median_s"]) and len(entry["times_s"]) == 1, (section, key)
+            for name, value in entry.items():
+                if name.startswith("ratio_vs_"):
+                    _check_summary(value)
+    for key in expected:
+        ref = "frozen_bn" if key.startswith("frozen_") else "bn"
+        for section in ("train", "infer"):
+            assert f"ratio_vs_{ref}" in res[section][key]
+        folded = res["infer_folded"][key]
+        for name in ("ratio_vs_unfolded", f"ratio_vs_{ref}_folded", "ratio_vs_frozen_none_folded",
+                     "ratio_vs_frozen_none_unfolded"):
+            assert name in folded, (key, name)
+        mem = res["memory"][key]
+        for name in ("metric_bytes", "saved_bytes", "state_bytes", "grad_bytes", "cpu_metric_bytes",
+                     f"ratio_vs_{ref}"):
+            assert _positive(mem[name]), (key, name)
+    assert res["train"]["bn"]["ratio_vs_bn"]["median"] == 1.0
+    assert res["train"]["frozen_bn"]["ratio_vs_frozen_bn"]["median"] == 1.0
+    assert res["memory"]["bn"]["ratio_vs_bn"] == 1.0
+    assert res["infer_folded"]["frozen_none"]["ratio_vs_frozen_none_folded"]["median"] == 1.0
+    _check_summary(res["train"]["bcn_ws"]["ratio_vs_gn_ws"])
+    assert _positive(res["memory"]["bcn_ws"]["ratio_vs_gn_ws"])
+
+    # every folded model was checked against its unfolded model
+    assert set(report["fold_check"]) == set(expected)
+    for key, check in report["fold_check"].items():
+        assert check["detections_matched_fraction"] >= 0.9, key
+        assert check["features.p2"]["max_abs_err"] <= 1e-3 * check["features.p2"]["max_abs_ref"] + 1e-6, key
+
+    targets = {t["name"]: t for t in report["targets"]}
+    assert set(targets) == TARGETS
+    for t in targets.values():
+        assert _positive(t["measured"]) and _positive(t["bound"]) and isinstance(t["met"], bool), t
+
+    md = (out / "benchmark.md").read_text()
+    assert "| setting | reference | train step | peak memory | inference |" in md
+    assert "| target | measured | met? |" in md
+    assert report["device"]["name"] in md
+    assert "| setting | reference |" in proc.stdout
+    _check_png(out / "benchmark.png", min_width=1000)
+
+
+def test_study_cbn_fidelity_tiny(tmp_path):
+    out = tmp_path / "cbn"
+    proc = _run("study_cbn_fidelity.py", "--tiny", "--out", str(out))
+    report = json.loads((out / "cbn_fidelity.json").read_text())
+    ks = report["config"]["ks"]
+    assert ks == [1, 2, 4, 8]
+    assert set(report["results"]) == {"bn", "cbn"}
+    for norm, res in report["results"].items():
+        assert res["measured_steps"] >= 1
+        assert 0 <= res["heldout_accuracy"] <= 1 and _positive(res["loss_first"]) and _positive(res["loss_last"])
+        assert set(res["by_k"]) == {str(k) for k in ks}
+        for k in ks:
+            row = res["by_k"][str(k)]
+            assert set(row) == {"compensated", "naive", "exact_window"}
+            for est, errs in row.items():
+                assert _positive(errs["mean_err"]) and _positive(errs["var_err"]), (norm, k, est)
+            for est in ("compensated", "naive"):
+                for name in ("mean_err_vs_window", "var_err_vs_window"):
+                    assert _non_negative(row[est][name]), (norm, k, est, name)
+                    if k > 1:
+                        assert row[est][name] > 0, (norm, k, est, name)
+        # k = 1 is the current batch alone: compensation has nothing to act on
+        one = res["by_k"]["1"]
+        assert one["compensated"] == one["naive"]
+        series = res["series"]
+        assert series["k"] == max(ks) and len(series["steps"]) == res["measured_steps"]
+        for name in ("compensated_var_err", "naive_var_err", "bn_var_err"):
+            assert len(series[name]) == len(series["steps"]) and all(_positive(v) for v in series[name])
+    assert "| train norm | k |" in proc.stdout
+    _check_png(out / "cbn_fidelity.png", min_width=1000)
+
+
+def test_study_mabn_premise_tiny(tmp_path):
+    out = tmp_path / "mabn"
+    proc = _run("study_mabn_premise.py", "--tiny", "--out", str(out))
+    report = json.loads((out / "mabn_premise.json").read_text())
+    assert report["config"]["ms"] == [2, 4] and report["config"]["large_batch"] == 32
+    series_names = {"batch2", "sma2", "sma4", "batch32"}
+    for stat in ("g", "psi", "mu", "var"):
+        res = report["results"][stat]
+        assert set(res) == series_names | {"mean_square_batch32"}
+        for name in series_names:
+            assert _positive(res[name]["variance"]) and _positive(res[name]["ratio_to_batch32"]), (stat, name)
+            curve = report["curves"][stat][name]
+            assert len(curve) == len(report["curves"]["window_end_steps"]) >= 1
+            assert all(_positive(v) for v in curve)
+        assert res["batch32"]["ratio_to_batch32"] == 1.0
+        assert _positive(res["mean_square_batch32"])
+    assert 0 <= report["heldout_accuracy"] <= 1
+    assert "| statistic |" in proc.stdout
+    _check_png(out / "mabn_premise.png", min_width=1000)
