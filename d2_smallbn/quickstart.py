@@ -83,7 +83,7 @@ def draw_predictions(cfg, model, dataset_name, path, count):
         with torch.no_grad():
             tensor = torch.as_tensor(image.transpose(2, 0, 1).astype("float32"))
             out = model([{"image": tensor, "height": bgr.shape[0], "width": bgr.shape[1]}])[0]["instances"]
-        out = out[out.scores > 0.5].to("cpu")
+        out = out[out.scores > 0.3].to("cpu")
         vis = Visualizer(bgr[:, :, ::-1], MetadataCatalog.get(dataset_name))
         tiles.append(vis.draw_instance_predictions(out).get_image())
     height = max(t.shape[0] for t in tiles)
