@@ -51,6 +51,8 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
+from d2_smallbn.benchmark import (  # noqa: E402
+    available_cores, device_info, fmt_summary, loadavg, ratio_summary, summary, sync)
 from d2_smallbn.layers import (  # noqa: E402
     BatchChannelNorm2d,
     CBNConv2d,
@@ -224,26 +226,21 @@ def _check_folding(evals, x):
 
 # ---- measurement --------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_train(module, x, grad, device):
     _clear_grads(module, x)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     _train_step(module, x, grad)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
 def time_eval(module, x, device):
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         module(x)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -279,16 +276,6 @@ def cuda_step_peak_bytes(module, x, grad, device):
     peak = torch.cuda.max_memory_allocated(device) - before
     _clear_grads(module, x)
     return peak
-
-
-def _summary(values):
-    values = sorted(values)
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "p25": q[0], "p75": q[2], "min": values[0], "max": values[-1]}
-
-
-def _ratio_summary(num, den):
-    return _summary([a / b for a, b in zip(num, den)])
 
 
 def benchmark_shape(args, device, shape, train_modules, eval_modules):
@@ -335,14 +322,14 @@ def benchmark_shape(args, device, shape, train_modules, eval_modules):
     train = {}
     for key in TRAIN_SETTINGS:
         train[key] = {"median_s": statistics.median(train_times[key]), "times_s": train_times[key],
-                      "ratio_vs_bn": _ratio_summary(train_times[key], train_times["bn"])}
-    train["bcn_ws"]["ratio_vs_gn_ws"] = _ratio_summary(train_times["bcn_ws"], train_times["gn_ws"])
+                      "ratio_vs_bn": ratio_summary(train_times[key], train_times["bn"])}
+    train["bcn_ws"]["ratio_vs_gn_ws"] = ratio_summary(train_times["bcn_ws"], train_times["gn_ws"])
     evals = {}
     for key in EVAL_SETTINGS:
         evals[key] = {"median_s": statistics.median(eval_times[key]), "times_s": eval_times[key],
-                      "ratio_vs_frozen_bn": _ratio_summary(eval_times[key], eval_times["frozen_bn"])}
-    evals["bcn_ws_folded"]["ratio_vs_gn_ws"] = _ratio_summary(eval_times["bcn_ws_folded"], eval_times["gn_ws"])
-    evals["bcn_ws_folded"]["ratio_vs_bcn_ws"] = _ratio_summary(eval_times["bcn_ws_folded"], eval_times["bcn_ws"])
+                      "ratio_vs_frozen_bn": ratio_summary(eval_times[key], eval_times["frozen_bn"])}
+    evals["bcn_ws_folded"]["ratio_vs_gn_ws"] = ratio_summary(eval_times["bcn_ws_folded"], eval_times["gn_ws"])
+    evals["bcn_ws_folded"]["ratio_vs_bcn_ws"] = ratio_summary(eval_times["bcn_ws_folded"], eval_times["bcn_ws"])
 
     results = {"train": train, "eval": evals, "memory": memory}
     targets = []
@@ -380,43 +367,6 @@ def profile_shape(args, device, shape, train_modules, out_dir):
 
 
 # ---- reporting ----------------------------------------------------------------------------
-
-def device_info(device):
-    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
-    if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        info["name"] = name
-        info["cpu_count"] = _available_cores()
-    return info
-
-
-def _available_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _loadavg():
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def _fmt(summary):
-    return f"{summary['median']:.3f} [{summary['p25']:.3f}, {summary['p75']:.3f}]"
-
 
 def markdown(report):
     dev = report["device"]
@@ -463,13 +413,13 @@ def markdown(report):
             if train_key is None:
                 t_cell = m_cell = "-"
             else:
-                t_cell = _fmt(train[train_key]["ratio_vs_bn"])
+                t_cell = fmt_summary(train[train_key]["ratio_vs_bn"])
                 if key == "bcn_ws":
-                    t_cell += f"; vs GN+WS {_fmt(train[key]['ratio_vs_gn_ws'])}"
+                    t_cell += f"; vs GN+WS {fmt_summary(train[key]['ratio_vs_gn_ws'])}"
                 m_cell = f"{mem[train_key]['ratio_vs_bn']:.3f}"
-            e_cell = "-" if eval_key is None else _fmt(evals[eval_key]["ratio_vs_frozen_bn"])
+            e_cell = "-" if eval_key is None else fmt_summary(evals[eval_key]["ratio_vs_frozen_bn"])
             if key == "bcn_ws_folded":
-                e_cell += f"; vs GN+WS eval {_fmt(evals[key]['ratio_vs_gn_ws'])}"
+                e_cell += f"; vs GN+WS eval {fmt_summary(evals[key]['ratio_vs_gn_ws'])}"
             if key in target_of:
                 t = target_of[key]
                 target = t["description"]
@@ -521,7 +471,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
 
-    torch.set_num_threads(_available_cores())
+    torch.set_num_threads(available_cores())
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -539,13 +489,13 @@ def main(argv=None):
     fold_check = check_folding(eval_modules, x_check)
 
     results = {}
-    load_before, cpu0, wall0 = _loadavg(), time.process_time(), time.perf_counter()
+    load_before, cpu0, wall0 = loadavg(), time.process_time(), time.perf_counter()
     for shape in args.shapes:
         if args.verbose:
             print(f"shape {shape[0]}x{shape[1]}", file=sys.stderr, flush=True)
         results[f"{shape[0]}x{shape[1]}"] = benchmark_shape(args, device, shape, train_modules, eval_modules)
     # A shared machine shows up as this process getting much less than its threads' worth of CPU.
-    contention = {"loadavg_1min_before": load_before, "loadavg_1min_after": _loadavg(),
+    contention = {"loadavg_1min_before": load_before, "loadavg_1min_after": loadavg(),
                   "process_cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0}
     contention["cpu_utilisation_of_threads"] = (contention["process_cpu_s"]
                                                 / (contention["wall_s"] * torch.get_num_threads()))
