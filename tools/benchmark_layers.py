@@ -35,7 +35,6 @@ import copy
 import gc
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
