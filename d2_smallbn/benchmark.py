@@ -223,3 +223,19 @@ def finite_or_raise(value, what):
     if not math.isfinite(value):
         raise FloatingPointError(f"{what} is {value}: training diverged; lower --lr")
     return value
+
+
+def int_list(flag, minimum, example):
+    """An argparse type for a comma-separated list of integers >= ``minimum`` (sorted, unique)."""
+    import argparse
+
+    def parse(text):
+        try:
+            values = sorted({int(v) for v in text.split(",") if v.strip()})
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad {flag} {text!r}; expected e.g. {example}")
+        if not values or values[0] < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be integers >= {minimum}")
+        return values
+
+    return parse

@@ -58,7 +58,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from d2_smallbn.benchmark import (SHAPE_CLASSES, command_line, device_info, environment,  # noqa: E402
-                                  finite_or_raise, pyplot, set_threads, shapes_batch, write_json)
+                                  finite_or_raise, int_list, pyplot, set_threads, shapes_batch, write_json)
 from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d  # noqa: E402
 
 ESTIMATORS = ("compensated", "naive", "exact_window")
@@ -303,16 +303,6 @@ def plot(report, path):
     plt.close(fig)
 
 
-def parse_ks(text):
-    try:
-        ks = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad --ks {text!r}; expected e.g. 1,2,4,8,16")
-    if not ks or ks[0] < 1:
-        raise argparse.ArgumentTypeError("--ks must be integers >= 1")
-    return ks
-
-
 def parse_norms(text):
     norms = [v.strip() for v in text.split(",") if v.strip()]
     if not norms or any(n not in ("bn", "cbn") for n in norms):
@@ -323,7 +313,7 @@ def parse_norms(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=None, help="SGD steps (default 400; 24 with --tiny)")
-    p.add_argument("--ks", type=parse_ks, default=None, help="windows k (default 1,2,4,8,16; 1,2,4,8 with --tiny)")
+    p.add_argument("--ks", type=int_list("--ks", 1, "1,2,4,8,16"), default=None, help="windows k (default 1,2,4,8,16; 1,2,4,8 with --tiny)")
     p.add_argument("--train-norms", type=parse_norms, default=["bn", "cbn"], help="bn,cbn (default both)")
     p.add_argument("--train-window", type=int, default=8, help="CBN window when training with CBN (default 8)")
     p.add_argument("--train-burnin", type=int, default=0, help="CBN burn-in when training with CBN (default 0)")

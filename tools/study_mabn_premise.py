@@ -48,7 +48,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from d2_smallbn.benchmark import (SHAPE_CLASSES, command_line, device_info, environment,  # noqa: E402
-                                  finite_or_raise, pyplot, set_threads, shapes_batch, write_json)
+                                  finite_or_raise, int_list, pyplot, set_threads, shapes_batch, write_json)
 
 STATS = ("g", "psi", "mu", "var")
 STAT_LABELS = {"g": "g_B = mean dL/dx_hat", "psi": "Psi_B = mean x_hat dL/dx_hat", "mu": "mu_B (forward)",
@@ -250,20 +250,10 @@ def plot(report, path):
     plt.close(fig)
 
 
-def parse_ms(text):
-    try:
-        ms = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad --ms {text!r}; expected e.g. 4,16")
-    if not ms or ms[0] < 2:
-        raise argparse.ArgumentTypeError("--ms must be integers >= 2")
-    return ms
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=None, help="SGD steps at batch 2 (default 600; 40 with --tiny)")
-    p.add_argument("--ms", type=parse_ms, default=None, help="SMA lengths m (default 4,16; 2,4 with --tiny)")
+    p.add_argument("--ms", type=int_list("--ms", 2, "4,16"), default=None, help="SMA lengths m (default 4,16; 2,4 with --tiny)")
     p.add_argument("--var-window", type=int, default=None, help="iterations per variance window (default 50; 8 tiny)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--large-batch", type=int, default=32)
