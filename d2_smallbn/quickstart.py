@@ -17,6 +17,7 @@ import numpy as np
 
 NORM_CONFIGS = {n: f"quickstart/mask_rcnn_R18_FPN_{n}.yaml" for n in ("cbn", "mabn", "bcn_ws", "gn", "bn")}
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+TOP_PREDICTIONS = 5  # drawn per image, with their scores: a short run is not yet confident
 logger = logging.getLogger("d2_smallbn.quickstart")
 
 
@@ -83,7 +84,7 @@ def draw_predictions(cfg, model, dataset_name, path, count):
         with torch.no_grad():
             tensor = torch.as_tensor(image.transpose(2, 0, 1).astype("float32"))
             out = model([{"image": tensor, "height": bgr.shape[0], "width": bgr.shape[1]}])[0]["instances"]
-        out = out[out.scores > 0.3].to("cpu")
+        out = out[out.scores.argsort(descending=True)[:TOP_PREDICTIONS]].to("cpu")
         vis = Visualizer(bgr[:, :, ::-1], MetadataCatalog.get(dataset_name))
         tiles.append(vis.draw_instance_predictions(out).get_image())
     height = max(t.shape[0] for t in tiles)
