@@ -29,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="dataset folder (default: see d2_smallbn.data)")
     p.add_argument("--num-train", type=int, default=None, help="generated training images (default: dataset default)")
     p.add_argument("--num-val", type=int, default=None, help="generated validation images")
+    p.add_argument("--hue-spread", type=int, default=None, help="generated dataset's hue spread (default: dataset default)")
     p.add_argument("--num-vis", type=int, default=6, help="validation images drawn in predictions.png")
     p.add_argument("--no-untrained", action="store_true", help="skip evaluating the untrained model")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
@@ -125,6 +126,8 @@ def draw_curves(metrics_json, path):
 def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
+    from detectron2.utils.env import seed_all_rng
+
     from .data import default_root, generate_dataset, register_shapes
 
     args = parse_args(argv)
@@ -132,10 +135,12 @@ def main(argv=None):
     setup_logger(name="d2_smallbn")
     start = time.time()
     root = args.data_root or default_root()
-    sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val)) if v is not None}
-    generate_dataset(root, **sizes)
+    generation = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val),
+                                ("hue_spread", args.hue_spread)) if v is not None}
+    generate_dataset(root, **generation)
     register_shapes(root)
     cfg = build_cfg(args, root)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # weights and data order, as detectron2's default_setup does
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     from .engine import SmallBNTrainer
 
@@ -144,10 +149,10 @@ def main(argv=None):
     trainer.resume_or_load(resume=False)
     trainer.train()
     train_seconds = time.time() - start
-    rows = {f"{args.norm}, {cfg.SOLVER.MAX_ITER} iterations": coco_ap(trainer._last_eval_results)}
+    results = {"trained": coco_ap(trainer._last_eval_results)}
     if not args.no_untrained:
         untrained = SmallBNTrainer.build_model(cfg)
-        rows[f"{args.norm}, untrained"] = coco_ap(SmallBNTrainer.test(cfg, untrained))
+        results["untrained"] = coco_ap(SmallBNTrainer.test(cfg, untrained))
     files = {
         "results": os.path.join(cfg.OUTPUT_DIR, "results.json"),
         "predictions": draw_predictions(cfg, trainer.model, cfg.DATASETS.TEST[0],
@@ -160,12 +165,14 @@ def main(argv=None):
     }
     with open(files["config"], "w") as f:
         f.write(cfg.dump())
-    summary = {"config": NORM_CONFIGS[args.norm], "iterations": cfg.SOLVER.MAX_ITER,
-               "images_per_iteration": cfg.SOLVER.IMS_PER_BATCH, "wall_seconds": round(time.time() - start, 1),
-               "train_and_eval_seconds": round(train_seconds, 1), "results": rows}
+    summary = {"norm": args.norm, "config": NORM_CONFIGS[args.norm], "iterations": cfg.SOLVER.MAX_ITER,
+               "images_per_iteration": cfg.SOLVER.IMS_PER_BATCH, "seed": cfg.SEED,
+               "wall_seconds": round(time.time() - start, 1), "train_and_eval_seconds": round(train_seconds, 1),
+               "results": results}
     with open(files["results"], "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
-    print("\nCOCO evaluation on smallbn_shapes_val:\n" + ap_table(rows))
+    labels = {"trained": f"{args.norm}, {cfg.SOLVER.MAX_ITER} iterations", "untrained": f"{args.norm}, untrained"}
+    print("\nCOCO evaluation on smallbn_shapes_val:\n" + ap_table({labels[k]: v for k, v in results.items()}))
     print(f"\nTotal time {summary['wall_seconds']:.0f} s. Outputs:")
     for name, path in files.items():
         print(f"  {name:14s} {path}")

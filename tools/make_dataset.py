@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate (or reuse) the built-in COCO-format dataset ``smallbn_shapes``.
 
-Usage:  python tools/make_dataset.py [--root DIR] [--seed 0] [--num-train 400] [--num-val 100] [--force]
+Usage:  python tools/make_dataset.py [--root DIR] [--seed 0] [--num-train 400] [--num-val 100] [--hue-spread 60] [--force]
 
 The default root is $D2_SMALLBN_DATASETS/smallbn_shapes (D2_SMALLBN_DATASETS defaults to
 ./datasets, relative to the current directory): the same place ``register_shapes()`` looks.
@@ -20,6 +20,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from d2_smallbn.data.checks import DatasetError  # noqa: E402
+from d2_smallbn.data.scene import SceneOptions  # noqa: E402
 from d2_smallbn.data.shapes import default_root, generate_dataset  # noqa: E402
 
 
@@ -29,6 +30,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--num-train", type=int, default=400, help="training images (default: 400)")
     parser.add_argument("--num-val", type=int, default=100, help="validation images (default: 100)")
+    parser.add_argument("--hue-spread", type=int, default=SceneOptions.hue_spread,
+                        help="degrees of hue around each category's hue for a shape's main colour; 360 makes "
+                             f"colour independent of the category (default: {SceneOptions.hue_spread})")
     parser.add_argument("--force", action="store_true", help="regenerate even if a complete dataset exists")
     return parser.parse_args(argv)
 
@@ -45,7 +49,7 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         dataset = generate_dataset(args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                                   force=args.force)
+                                   hue_spread=args.hue_spread, force=args.force)
     except (DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,8 +8,10 @@ segmentation describing exactly the visible pixels of the shape:
 - an occluded or border-clipped shape, and every ring (it has a hole), gets a compressed RLE of
   its visible pixels.
 
-Only numpy, OpenCV and pycocotools are needed. Class and colour/texture are drawn independently,
-so only the outline identifies the class.
+Only numpy, OpenCV and pycocotools are needed. Each category has a hue (spaced evenly on the colour
+circle); a shape's main colour takes a hue within ``hue_spread`` degrees around it, and its
+texture, the texture's second colour, saturation and brightness are random. The outline is the
+only exact cue; with ``hue_spread=360`` it is the only cue at all.
 """
 import math
 from dataclasses import dataclass
@@ -39,12 +41,14 @@ TEXTURES = ("solid", "stripes", "checker", "gradient", "noise")
 
 @dataclass(frozen=True)
 class SceneOptions:
-    """Image size range (pixels, each side) and number of shapes placed per image."""
+    """Image size range (pixels, each side), number of shapes placed per image, and the width in
+    degrees of the hue range of a shape's main colour around its category's hue."""
 
     min_side: int = 160
     max_side: int = 320
     min_objects: int = 3
     max_objects: int = 8
+    hue_spread: int = 60
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def render_scene(rng, options=SceneOptions()):
     for candidate in _candidates(rng, height * width, options):
         shape = _place(rng, candidate, shapes, owner)
         if shape is not None:
-            _paint(rng, image, shape.mask)
+            _paint(rng, image, shape.mask, _class_colour(rng, shape.category_id, options.hue_spread))
             owner[shape.mask] = len(shapes)
             shapes.append(shape)
     image += rng.uniform(2.0, 6.0) * rng.standard_normal(image.shape, dtype=np.float32)
@@ -234,18 +238,19 @@ def _background(rng, height, width):
     return canvas.astype(np.float32)
 
 
-def _paint(rng, image, mask):
+def _paint(rng, image, mask, main_colour):
     """Fill ``mask`` with a random texture, computed over the mask's bounding box only."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     region = mask[y0:y1, x0:x1]
-    image[y0:y1, x0:x1][region] = _texture(rng, y1 - y0, x1 - x0)[region]
+    image[y0:y1, x0:x1][region] = _texture(rng, y1 - y0, x1 - x0, main_colour)[region]
 
 
-def _texture(rng, height, width):
-    """An HxWx3 float32 patch: a random texture kind mixing two random vivid colours."""
+def _texture(rng, height, width, first):
+    """An HxWx3 float32 patch: a random texture kind mixing ``first`` with a random vivid colour
+    (``first`` alone when solid)."""
     kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
-    first, second = _vivid_colour(rng), _vivid_colour(rng)
+    second = _vivid_colour(rng)
     if kind == "solid":
         weight = np.zeros((height, width), np.float32)
     elif kind == "stripes":
@@ -290,8 +295,15 @@ def _hsv_colour(hue, saturation, value):
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
 
-def _vivid_colour(rng):
-    return _hsv_colour(rng.uniform(0, 1), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
+def _vivid_colour(rng, hue=None):
+    hue = rng.uniform(0, 1) if hue is None else hue
+    return _hsv_colour(hue, rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
+
+
+def _class_colour(rng, category_id, hue_spread):
+    """A vivid colour whose hue lies within ``hue_spread`` degrees around the category's hue."""
+    centre = (category_id - 1) / len(CATEGORIES)
+    return _vivid_colour(rng, (centre + rng.uniform(-0.5, 0.5) * hue_spread / 360.0) % 1.0)
 
 
 def _muted_colour(rng):

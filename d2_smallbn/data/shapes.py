@@ -1,6 +1,7 @@
 """Generate ``smallbn_shapes``, the built-in COCO-format instance-segmentation dataset.
 
-Textured ellipses, rectangles, triangles, stars and rings (5 categories, ids 1-5) on cluttered
+Textured ellipses, rectangles, triangles, stars and rings (5 categories, ids 1-5; each shape's main
+colour near its category's hue, within ``hue_spread`` degrees, see ``scene.py``) on cluttered
 backgrounds (shading, translucent blobs, random lines), with occlusion, in images of 160-320 px
 per side. Annotations describe the visible pixels only; see ``scene.py`` for how masks, areas and
 boxes are made exactly consistent with pycocotools. Unoccluded shapes are polygons, the others
@@ -47,7 +48,7 @@ except ImportError:  # not POSIX: no inter-process lock
     fcntl = None
 
 GENERATOR = "d2_smallbn.data.shapes"
-GENERATOR_VERSION = 1     # bump whenever the rendering changes, so old datasets are regenerated
+GENERATOR_VERSION = 2     # bump whenever the rendering changes, so old datasets are regenerated
 SPLITS = ("train", "val")
 SPLIT_STREAMS = {"train": 0, "val": 1}
 JPEG_QUALITY = 90
@@ -84,11 +85,11 @@ def image_dir(root, split):
 
 
 def generate_dataset(root=None, seed=0, num_train=400, num_val=100, min_side=160, max_side=320,
-                     min_objects=3, max_objects=8, force=False):
+                     min_objects=3, max_objects=8, hue_spread=SceneOptions.hue_spread, force=False):
     """Write the dataset under ``root`` (see the module docstring), or reuse a complete one
     generated with the same parameters unless ``force``. Returns a ``GeneratedDataset``."""
     root = Path(root).expanduser().absolute() if root is not None else default_root()
-    params = _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_objects)
+    params = _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_objects, hue_spread)
     root.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(root):
         manifest = None if force else _complete_manifest(root, params)
@@ -107,9 +108,10 @@ def generate_dataset(root=None, seed=0, num_train=400, num_val=100, min_side=160
 
 # ------------------------------------------------------------------ parameters and manifest
 
-def _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_objects):
+def _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_objects, hue_spread):
     params = {"seed": seed, "num_train": num_train, "num_val": num_val, "min_side": min_side,
-              "max_side": max_side, "min_objects": min_objects, "max_objects": max_objects}
+              "max_side": max_side, "min_objects": min_objects, "max_objects": max_objects,
+              "hue_spread": hue_spread}
     for key, value in params.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"generate_dataset: {key} must be a non-negative integer, got {value!r}")
@@ -120,6 +122,9 @@ def _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_o
         raise ValueError(f"generate_dataset: need 64 <= min_side <= max_side, got {min_side}, {max_side}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"generate_dataset: need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    if not 0 <= hue_spread <= 360:
+        raise ValueError(f"generate_dataset: hue_spread is in degrees, 0-360 (360: colour independent of the "
+                         f"class), got {hue_spread}")
     return params
 
 
@@ -151,7 +156,8 @@ def _split_complete(root, split, num_images):
 # ------------------------------------------------------------------ writing
 
 def _write_dataset(directory, params):
-    options = SceneOptions(params["min_side"], params["max_side"], params["min_objects"], params["max_objects"])
+    options = SceneOptions(params["min_side"], params["max_side"], params["min_objects"], params["max_objects"],
+                           params["hue_spread"])
     (directory / "annotations").mkdir(parents=True)
     counts = {"train": params["num_train"], "val": params["num_val"]}
     statistics = {split: _write_split(directory, split, params["seed"], counts[split], options)

@@ -147,6 +147,23 @@ def _some_boxes_overlap(annotations):
     return False
 
 
+@pytest.mark.parametrize("spread", [0, 60, 360])
+def test_main_colour_hue_lies_within_the_spread_around_the_category_hue(spread):
+    import cv2
+
+    from d2_smallbn.data.scene import _class_colour
+
+    rng = np.random.default_rng(0)
+    for category_id in range(1, len(CATEGORIES) + 1):
+        colours = np.stack([_class_colour(rng, category_id, spread) for _ in range(400)])[None]
+        hue = cv2.cvtColor(colours.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)[0, :, 0]  # degrees (uint8 HSV: 2-degree steps)
+        centre = 360.0 * (category_id - 1) / len(CATEGORIES)
+        offset = (hue - centre + 180.0) % 360.0 - 180.0
+        assert np.abs(offset).max() <= spread / 2 + 3.0, (category_id, np.abs(offset).max())
+        if spread == 360:   # independent of the category: the whole colour circle
+            assert np.histogram(hue, bins=6, range=(0, 360))[0].min() > 30
+
+
 def test_check_coco_dataset_accepts_the_generated_files(dataset):
     summary = check_coco_dataset(dataset.annotation_file("val"), dataset.image_dir("val"))
     assert summary["images"] == 3 and summary["categories"] == list(CATEGORIES)
@@ -275,6 +292,9 @@ def test_second_call_reuses_files_and_force_or_new_parameters_regenerate(tmp_pat
     assert not forced.reused
     assert (root / "manifest.json").stat().st_ino != before["manifest.json"][0]
 
+    recoloured = generate_dataset(root, seed=0, hue_spread=360, **SMALL)
+    assert not recoloured.reused and load_json(root / "manifest.json")["parameters"]["hue_spread"] == 360
+
     changed = generate_dataset(root, seed=0, num_train=6, num_val=2)
     assert not changed.reused and changed.statistics["val"]["images"] == 2
     assert sorted(p.name for p in (root / "val").iterdir()) == ["000000.jpg", "000001.jpg"]
@@ -310,6 +330,8 @@ def test_invalid_parameters_are_rejected(tmp_path):
         generate_dataset(tmp_path / "x", num_train=0)
     with pytest.raises(ValueError, match="seed"):
         generate_dataset(tmp_path / "x", seed=-1)
+    with pytest.raises(ValueError, match="hue_spread is in degrees, 0-360"):
+        generate_dataset(tmp_path / "x", hue_spread=400)
     assert not (tmp_path / "x").exists()
 
 

@@ -55,7 +55,7 @@ def test_main_command_writes_every_promised_file(tmp_path):
             assert len(np.unique(np.asarray(img.convert("L")))) > 10, f"{name} looks blank"
     results = json.loads((out / "results.json").read_text())
     rows = results["results"]
-    assert len(rows) == 2 and any("untrained" in k for k in rows)
+    assert set(rows) == {"trained", "untrained"} and results["norm"] == "cbn" and results["iterations"] == 2
     for ap in rows.values():
         assert set(ap) == {"bbox", "segm"} and 0 <= ap["bbox"]["AP"] <= 100
     assert "COCO evaluation" in proc.stdout and "box AP" in proc.stdout

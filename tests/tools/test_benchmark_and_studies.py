@@ -158,3 +158,45 @@ def test_study_mabn_premise_tiny(tmp_path):
     assert 0 <= report["heldout_accuracy"] <= 1
     assert "| statistic |" in proc.stdout
     _check_png(out / "mabn_premise.png", min_width=1000)
+
+
+def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "acc"
+    common = ["--iters", "2", "--num-train", "4", "--num-val", "2", "--data-root", str(tmp_path / "data"),
+              "--out", str(out), "--jobs", "2"]
+    overrides = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
+                 "INPUT.MAX_SIZE_TEST", "96"]
+    proc = _run("study_accuracy.py", *common, "--settings", "cbn,bn_16", "--seeds", "0", *overrides)
+    assert "reusing" not in proc.stdout
+    report = json.loads((out / "study_accuracy.json").read_text())
+    settings = report["settings"]
+    assert list(settings) == ["bn_16", "cbn"]  # the longest run starts first
+    assert settings["bn_16"]["images_per_iteration"] == 16 and settings["cbn"]["images_per_iteration"] == 2
+    for name, entry in settings.items():
+        assert entry["iterations"] == 2 and list(entry["seeds"]) == ["0"]
+        run = entry["seeds"]["0"]
+        assert run["curve"]["iteration"] == [0, 1] and all(_positive(v) for v in run["curve"]["total_loss"])
+        for metric in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
+            m = entry[metric]
+            assert 0 <= m["min"] <= m["mean"] <= m["max"] <= 100 and len(m["values"]) == 1, (name, metric)
+        assert m["values"] == [run["ap"]["segm"]["AP50"]]
+        assert json.loads((out / "runs" / f"{name}_seed0" / "results.json").read_text())["seed"] == 0
+    md = (out / "study_accuracy.md").read_text()
+    assert md.startswith("| setting | images / iter | seeds | box AP |") and "| bn_16 | 16 | 1 |" in md
+    _check_png(out / "study_accuracy.png", min_width=1000)
+
+    # a second call reuses finished runs and only trains the new seed
+    proc = _run("study_accuracy.py", *common, "--settings", "cbn", "--seeds", "0,1", *overrides)
+    assert f"reusing {out / 'runs' / 'cbn_seed0'}" in proc.stdout and "start cbn seed 1" in proc.stdout
+    assert "start cbn seed 0" not in proc.stdout
+    entry = json.loads((out / "study_accuracy.json").read_text())["settings"]["cbn"]
+    assert list(entry["seeds"]) == ["0", "1"] and len(entry["bbox_AP"]["values"]) == 2
+
+
+def test_study_accuracy_rejects_bad_arguments(tmp_path):
+    for args, message in ((["--settings", "cbn,batchnorm"], "unknown --settings"),
+                          (["--jobs", "0"], "--jobs and --threads must be >= 1"),
+                          (["SOLVER.BASE_LR"], "KEY VALUE pairs")):
+        proc = subprocess.run([sys.executable, str(TOOLS / "study_accuracy.py"), "--out", str(tmp_path), *args],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
