@@ -47,7 +47,7 @@ def build_cfg(args, data_root):
         cfg.SOLVER.MAX_ITER = args.iters
         cfg.SOLVER.STEPS = tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS if int(s * scale) < args.iters)
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, args.iters - 1)
-        cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS = min(cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS, int(0.2 * args.iters))
+        cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS = int(cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS * scale)  # like the LR steps
     cfg.OUTPUT_DIR = os.path.abspath(args.output_dir or os.path.join("output", f"quickstart_{args.norm}"))
     cfg.freeze()
     return cfg

@@ -59,3 +59,13 @@ def test_main_command_writes_every_promised_file(tmp_path):
     for ap in rows.values():
         assert set(ap) == {"bbox", "segm"} and 0 <= ap["bbox"]["AP"] <= 100
     assert "COCO evaluation" in proc.stdout and "box AP" in proc.stdout
+
+
+@pytest.mark.parametrize("iters, steps, burnin", [(None, (400,), 200), (1000, (800,), 400), (2, (1,), 0)])
+def test_iters_flag_scales_the_schedule_and_cbn_burnin(iters, steps, burnin, tmp_path):
+    from d2_smallbn.quickstart import build_cfg, parse_args
+
+    argv = ["--norm", "cbn", "--output-dir", str(tmp_path)] + (["--iters", str(iters)] if iters else [])
+    cfg = build_cfg(parse_args(argv), tmp_path)
+    assert cfg.SOLVER.MAX_ITER == (iters or 500) and tuple(cfg.SOLVER.STEPS) == steps
+    assert cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS == burnin and cfg.MODEL.SMALLBN.CBN.WINDOW_SIZE == 4
