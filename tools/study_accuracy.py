@@ -6,11 +6,13 @@ and seeds; box and mask AP on smallbn_shapes_val (COCO evaluation) and the train
 
 Each run is ``tools/quickstart.py`` in a subprocess (its own output folder under DIR/runs, with
 its log), ``--jobs`` at a time with ``--threads`` torch threads each. A run whose folder already
-holds the results of the same command is reused, so an interrupted study resumes where it stopped.
+holds the results of the same command, with the same resolved config (hyper-parameters of norms the
+run does not use aside), is reused, so an interrupted or extended study redoes only what changed.
 
 Usage:
     python tools/study_accuracy.py [--settings bn,gn,cbn,mabn,bcn_ws,bn_16] [--seeds 0,1]
-        [--reference-seeds 0] [--iters N] [--jobs J] [--threads T] [--out DIR] [KEY VALUE ...]
+        [--reference-seeds 0] [--iters N] [--jobs J] [--threads T] [--out DIR] [--report-only]
+        [KEY VALUE ...]
 
 Trailing KEY VALUE pairs are config overrides passed to every run. Writes DIR/study_accuracy.json,
 DIR/study_accuracy.md (printed too) and DIR/study_accuracy.png.
@@ -58,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=None, help="generated training images (default: dataset default)")
     p.add_argument("--num-val", type=int, default=None, help="generated validation images")
     p.add_argument("--hue-spread", type=int, default=None, help="generated dataset's hue spread (default: dataset default)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the requested runs that have finished, list the others")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE pairs")
     args = p.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -95,12 +99,36 @@ def run_commands(args):
     return runs
 
 
+def effective_config(cfg):
+    """``cfg`` as plain data without the OUTPUT_DIR and the MODEL.SMALLBN sections of norms it does
+    not use: what a finished run's config.yaml must equal for the run to be reused."""
+    import yaml
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    used = {cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM}
+    for norm in ("CBN", "MABN", "BCN"):
+        if norm not in used:
+            cfg.MODEL.SMALLBN.pop(norm)
+    cfg.OUTPUT_DIR = ""
+    return yaml.safe_load(cfg.dump())  # resolves the YAML anchors that dump() may write
+
+
 def finished(folder, cmd):
+    """Whether ``folder`` holds the results of ``cmd`` run with the current config files."""
+    from detectron2.config import CfgNode
+
+    from d2_smallbn.quickstart import build_cfg, parse_args
+
     try:
         done = json.loads((folder / "study_run.json").read_text())
-        return done["command"][1:] == cmd[1:] and (folder / "results.json").is_file()
+        if done["command"][1:] != cmd[1:] or not (folder / "results.json").is_file():
+            return False
+        saved = CfgNode.load_yaml_with_base(str(folder / "config.yaml"))
     except (OSError, ValueError, KeyError):
         return False
+    args = parse_args(cmd[2:])
+    return effective_config(CfgNode(saved)) == effective_config(build_cfg(args, args.data_root))
 
 
 def execute(runs, jobs, threads):
@@ -177,7 +205,7 @@ def table(report):
     return "\n".join(lines)
 
 
-def smooth(values, width=20):
+def smooth(values, width=3):
     out, acc = [], []
     for v in values:
         acc = (acc + [v])[-width:]
@@ -204,7 +232,7 @@ def plot(report, path):
             ax_loss.plot(s["curve"]["iteration"], smooth(s["curve"]["total_loss"]), lw=1,
                                  label=name if k == 0 else None,
                                  color=None if k == 0 else ax_loss.get_lines()[-1].get_color())
-    ax_loss.set(xlabel="iteration", ylabel="total loss (running mean of 20)", yscale="log", title="training loss")
+    ax_loss.set(xlabel="iteration", ylabel="total loss (running mean of 3 logged values)", yscale="log", title="training loss")
     ax_loss.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -219,18 +247,29 @@ def main(argv=None):
     runs = run_commands(args)
     print(f"{len(runs)} runs, {args.jobs} at a time with {args.threads} threads each", flush=True)
     started = time.time()
-    errors = execute(runs, args.jobs, args.threads)
-    failed = {k: e for k, e in errors.items() if e}
-    if failed:
-        for (setting, seed), error in failed.items():
-            print(f"FAILED {setting} seed {seed}: {error}", file=sys.stderr)
-        return 1
+    missing = []
+    if args.report_only:
+        missing = [key for key, (folder, cmd) in runs.items() if not finished(folder, cmd)]
+        runs = {key: run for key, run in runs.items() if key not in missing}
+        if not runs:
+            print("no finished runs to report", file=sys.stderr)
+            return 1
+    else:
+        errors = execute(runs, args.jobs, args.threads)
+        failed = {k: e for k, e in errors.items() if e}
+        if failed:
+            for (setting, seed), error in failed.items():
+                print(f"FAILED {setting} seed {seed}: {error}", file=sys.stderr)
+            return 1
     report = collect(runs)
     markdown = table(report)
+    if missing:
+        markdown += "\n\nNot finished (not in the table): " + ", ".join(f"{k[0]} seed {k[1]}" for k in missing)
     write_json(args.out / "study_accuracy.json", {
-        "command": command_line(), "device": device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "jobs": args.jobs,
+        "command": command_line(), "jobs": args.jobs,
+        "device": device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "threads_per_job": args.threads, "wall_seconds": round(time.time() - started, 1),
-        "config_overrides": args.opts, "settings": report})
+        "config_overrides": args.opts, "settings": report, "not_finished": [list(k) for k in missing]})
     (args.out / "study_accuracy.md").write_text(markdown + "\n")
     plot(report, args.out / "study_accuracy.png")
     print(markdown)

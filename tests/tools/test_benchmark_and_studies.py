@@ -185,12 +185,33 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
     assert md.startswith("| setting | images / iter | seeds | box AP |") and "| bn_16 | 16 | 1 |" in md
     _check_png(out / "study_accuracy.png", min_width=1000)
 
+    # a finished run is reused only while its resolved config is unchanged (unused norms aside)
+    sys.path.insert(0, str(TOOLS))
+    import study_accuracy
+
+    args = study_accuracy.parse_args([*common, "--settings", "cbn", "--seeds", "0", *overrides])
+    (folder, cmd), = study_accuracy.run_commands(args).values()
+    saved = (folder / "config.yaml").read_text()
+    assert study_accuracy.finished(folder, cmd)
+    (folder / "config.yaml").write_text(saved.replace("BUFFER_SIZE: 16", "BUFFER_SIZE: 7"))  # MABN's: unused
+    assert study_accuracy.finished(folder, cmd)
+    (folder / "config.yaml").write_text(saved.replace("WINDOW_SIZE: 4", "WINDOW_SIZE: 8"))
+    assert not study_accuracy.finished(folder, cmd)
+    (folder / "config.yaml").write_text(saved)
+
     # a second call reuses finished runs and only trains the new seed
     proc = _run("study_accuracy.py", *common, "--settings", "cbn", "--seeds", "0,1", *overrides)
     assert f"reusing {out / 'runs' / 'cbn_seed0'}" in proc.stdout and "start cbn seed 1" in proc.stdout
     assert "start cbn seed 0" not in proc.stdout
     entry = json.loads((out / "study_accuracy.json").read_text())["settings"]["cbn"]
     assert list(entry["seeds"]) == ["0", "1"] and len(entry["bbox_AP"]["values"]) == 2
+
+    # --report-only trains nothing and names what has not finished
+    proc = _run("study_accuracy.py", *common, "--settings", "cbn,gn", "--seeds", "0", "--report-only", *overrides)
+    report = json.loads((out / "study_accuracy.json").read_text())
+    assert list(report["settings"]) == ["cbn"] and report["not_finished"] == [["gn", 0]]
+    assert "start" not in proc.stdout and "Not finished (not in the table): gn seed 0" in proc.stdout
+    assert not (out / "runs" / "gn_seed0").exists()
 
 
 def test_study_accuracy_rejects_bad_arguments(tmp_path):
