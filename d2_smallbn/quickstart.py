@@ -97,6 +97,16 @@ def draw_predictions(cfg, model, dataset_name, path, count):
     return path
 
 
+def training_entries(metrics_json):
+    """The training entries (those with losses) of detectron2's metrics.json."""
+    with open(metrics_json) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    entries = [e for e in entries if "total_loss" in e]
+    if not entries:
+        raise ValueError(f"{metrics_json} has no training entries (was training interrupted?)")
+    return entries
+
+
 def draw_curves(metrics_json, path):
     """Losses and the learning rate per iteration, from detectron2's metrics.json."""
     import matplotlib
@@ -104,11 +114,7 @@ def draw_curves(metrics_json, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_json) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    entries = [e for e in entries if "total_loss" in e]
-    if not entries:
-        raise ValueError(f"{metrics_json} has no training entries (was training interrupted?)")
+    entries = training_entries(metrics_json)
     it = [e["iteration"] for e in entries]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted(k for k in entries[0] if k.startswith("loss_") or k == "total_loss"):

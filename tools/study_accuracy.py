@@ -31,6 +31,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from d2_smallbn.benchmark import available_cores, command_line, device_info, int_list, pyplot, write_json  # noqa: E402
+from d2_smallbn.quickstart import training_entries  # noqa: E402
 
 # setting -> (quickstart norm, images per iteration, extra config overrides)
 SETTINGS = {
@@ -165,22 +166,17 @@ def execute(runs, jobs, threads):
     return errors
 
 
-def training_curve(metrics_json):
-    """(iterations, total_loss) of detectron2's metrics.json."""
-    entries = [json.loads(line) for line in Path(metrics_json).read_text().splitlines() if line.strip()]
-    entries = [e for e in entries if "total_loss" in e]
-    return [e["iteration"] for e in entries], [e["total_loss"] for e in entries], [e["time"] for e in entries if "time" in e]
-
-
 def collect(runs):
     """Per setting: per-seed APs, their mean and range, seconds per iteration, and the loss curves."""
     report = {}
     for (setting, seed), (folder, _) in runs.items():
         results = json.loads((folder / "results.json").read_text())
-        its, losses, times = training_curve(folder / "metrics.json")
+        entries = training_entries(folder / "metrics.json")
+        times = [e["time"] for e in entries if "time" in e]
         entry = report.setdefault(setting, {"images_per_iteration": results["images_per_iteration"],
                                             "iterations": results["iterations"], "seeds": {}})
-        entry["seeds"][seed] = {"ap": results["results"]["trained"], "curve": {"iteration": its, "total_loss": losses},
+        entry["seeds"][seed] = {"ap": results["results"]["trained"], "curve": {"iteration": [e["iteration"] for e in entries],
+                                          "total_loss": [e["total_loss"] for e in entries]},
                                 "seconds_per_iteration": statistics.median(times) if times else None}
     for entry in report.values():
         for task, key in METRICS:
