@@ -24,6 +24,9 @@ What is measured, for each setting, on the same synthetic batch of 2 images (ran
 few random boxes and elliptic masks, detectron2 Instances, created once):
 
 - training step: forward (losses) + backward + SGD step of ``d2_smallbn.engine.build_optimizer``,
+  with the same fixed proposals in every setting (``fixed_proposals``: the RPN runs and computes its
+  losses as usual, but the ROI heads get the same RoIs in every model; a random-init model's own
+  proposals would make the heads' work, mostly the mask head's, differ by model),
   timed from the forward to the end of the step (device synchronized). Before every step each
   CBN / MABN layer gets ``set_iteration(i)`` and each BCN layer the current learning rate, as
   ``SmallBNHook`` does. CBN burn-in is 0 and the MABN warmups are 2 iterations; CBN and MABN
@@ -67,6 +70,7 @@ import gc
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -197,7 +201,7 @@ def pseudo_pretrained_backbone(args, inputs):
 class Setting:
     """A setting's model, optimizer and the per-iteration state the trainer hook would drive."""
 
-    def __init__(self, key, args, backbone_state):
+    def __init__(self, key, args, backbone_state, proposals_by_sizes):
         from detectron2.modeling import build_model
         from detectron2.utils.events import EventStorage
 
@@ -210,6 +214,7 @@ class Setting:
         if missing:
             raise RuntimeError(f"{key}: the backbone state did not cover {missing[:5]}")
         check_converted(self.model)
+        use_fixed_proposals(self.model, proposals_by_sizes)
         self.model.train()
         self.optimizer = build_optimizer(self.cfg, self.model)
         self.counters = [m for m in self.model.modules() if isinstance(m, StepCounter) and not m.frozen]
@@ -254,6 +259,63 @@ class Setting:
 
     def grad_bytes(self):
         return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+
+
+def fixed_proposals(inputs, count, seed, copies_per_box=4, jitter=0.1):
+    """Training proposals for ``inputs`` that every setting uses instead of its own RPN's.
+
+    Which proposals a random-init model's RPN ranks highest differs between models, and with it the
+    number of foreground RoIs the ROI heads sample and the mask head's work (at small inputs the mask
+    head is a large share of a step: 9 more foreground RoIs per image cost more than any norm). With
+    the same proposals, and the same RNG state at sampling, every setting's heads get the same RoIs.
+    Per image: ``count`` boxes, ``copies_per_box`` jittered copies of each ground-truth box (shifted
+    and scaled by up to ``jitter`` of its size, most of them foreground) and uniform random boxes
+    overlapping no ground-truth box by IoU 0.5 or more (background). With 4 boxes per image that
+    is about 20 foreground RoIs per image, in the range random-init models' own proposals give.
+    """
+    from detectron2.structures import Boxes, Instances, pairwise_iou
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for item in inputs:
+        gt = item["instances"].gt_boxes.tensor.cpu()
+        h, w = item["instances"].image_size
+        size = (gt[:, 2:] - gt[:, :2]).repeat(copies_per_box, 1)
+        centre = ((gt[:, 2:] + gt[:, :2]) / 2).repeat(copies_per_box, 1)
+        centre = centre + (torch.rand(centre.shape, generator=g) * 2 - 1) * jitter * size
+        size = size * (1 + (torch.rand(size.shape, generator=g) * 2 - 1) * jitter)
+        near = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+        rand = torch.zeros(0, 4)
+        while len(rand) < count - len(near):
+            corners = torch.rand(count, 2, 2, generator=g) * torch.tensor([w, h], dtype=torch.float32)
+            more = torch.cat([corners.amin(1), corners.amax(1) + 1.0], dim=1)
+            background = pairwise_iou(Boxes(more), Boxes(gt)).amax(1) < 0.5
+            rand = torch.cat([rand, more[background]])
+        boxes = Boxes(torch.cat([near, rand[:count - len(near)]]))
+        boxes.clip((h, w))
+        proposals = Instances((h, w))
+        proposals.proposal_boxes = boxes.to(item["image"].device)
+        proposals.objectness_logits = torch.randn(count, generator=g).to(item["image"].device)
+        out.append(proposals)
+    return out
+
+
+def _rpn_forward_with_fixed_proposals(rpn, images, features, gt_instances=None):
+    """The RPN's own forward (its losses and its cost), with the benchmark's fixed proposals in training."""
+    proposals, losses = type(rpn).forward(rpn, images, features, gt_instances)
+    if rpn.training:
+        sizes = tuple(tuple(s) for s in images.image_sizes)
+        if sizes not in rpn.benchmark_proposals:
+            raise KeyError(f"no fixed benchmark proposals for image sizes {sizes}")
+        proposals = [p[:] for p in rpn.benchmark_proposals[sizes]]  # fresh Instances, shared tensors
+    return proposals, losses
+
+
+def use_fixed_proposals(model, proposals_by_sizes):
+    """Makes ``model``'s RPN return the given proposals in training (eval is unchanged)."""
+    rpn = model.proposal_generator
+    rpn.benchmark_proposals = proposals_by_sizes
+    rpn.forward = types.MethodType(_rpn_forward_with_fixed_proposals, rpn)
 
 
 def make_inputs(h, w, num_classes, device, seed, boxes_per_image=4):
@@ -439,11 +501,14 @@ def run(args, device, keys):
     prime_inputs, _ = make_inputs(ph, pw, num_classes, device, args.seed + 1)
 
     backbone_state = pseudo_pretrained_backbone(args, infer_inputs)
+    count = build_cfg(keys[0], args).MODEL.RPN.POST_NMS_TOPK_TRAIN
+    proposals = {tuple(tuple(x["image"].shape[-2:]) for x in batch): fixed_proposals(batch, count, args.seed + i)
+                 for i, batch in enumerate((train_inputs, prime_inputs))}
     settings = {}
     for key in keys:
         if args.verbose:
             print(f"building {key}", file=sys.stderr, flush=True)
-        settings[key] = Setting(key, args, backbone_state)
+        settings[key] = Setting(key, args, backbone_state, proposals)
         settings[key].model.to(device)
     primed = {}
     for key, s in settings.items():
@@ -604,7 +669,8 @@ def markdown(report):
               if k in keys]
     lines += ["", f"Absolute medians on {dev['name']}: " + "; ".join(parts) + "."]
     lines += ["", "fg RoIs/step: median foreground RoIs per image sampled for the heads in the timed steps (the "
-                  "mask head's work; it follows each model's own proposals)."]
+                  "mask head's work). Training steps use the same fixed proposals in every setting, so it is the "
+                  "same for all."]
     return "\n".join(lines) + "\n"
 
 

@@ -94,6 +94,11 @@ def test_benchmark_tiny(tmp_path):
         assert check["detections_matched_fraction"] >= 0.9, key
         assert check["features.p2"]["max_abs_err"] <= 1e-3 * check["features.p2"]["max_abs_ref"] + 1e-6, key
 
+    # fixed training proposals: every setting's heads sampled the same foreground RoIs
+    work = report["work_fg_rois_per_image"]
+    assert set(work) == set(expected) and len({json.dumps(w, sort_keys=True) for w in work.values()}) == 1, work
+    assert work["bn"]["median"] >= 4  # the ground-truth boxes at least
+
     targets = {t["name"]: t for t in report["targets"]}
     assert set(targets) == TARGETS
     for t in targets.values():
@@ -221,3 +226,33 @@ def test_study_accuracy_rejects_bad_arguments(tmp_path):
         proc = subprocess.run([sys.executable, str(TOOLS / "study_accuracy.py"), "--out", str(tmp_path), *args],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_fixed_proposals_cover_ground_truth_and_background():
+    """The benchmark's shared training proposals: the requested count per image, inside the image,
+    jittered copies overlapping their ground-truth box, and random boxes that are all background."""
+    import importlib.util
+
+    import torch
+    from detectron2.structures import Boxes, pairwise_iou
+
+    spec = importlib.util.spec_from_file_location("bench", TOOLS / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    inputs, _ = bench.make_inputs(64, 96, 5, torch.device("cpu"), seed=0)
+    copies = 4
+    proposals = bench.fixed_proposals(inputs, count=100, seed=0, copies_per_box=copies)
+    assert len(proposals) == len(inputs)
+    for item, props in zip(inputs, proposals):
+        boxes = props.proposal_boxes.tensor
+        gt = item["instances"].gt_boxes
+        assert props.image_size == (64, 96) and len(props) == 100 and props.objectness_logits.shape == (100,)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 64).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        iou = pairwise_iou(Boxes(boxes), gt)
+        near = len(gt) * copies
+        own = iou[:near].view(copies, len(gt), len(gt)).diagonal(dim1=1, dim2=2)
+        assert (own > 0.5).float().mean() >= 0.75  # up to 10% jitter keeps most copies foreground
+        assert (iou[near:].amax(1) < 0.5).all()
+    again = bench.fixed_proposals(inputs, count=100, seed=0, copies_per_box=copies)
+    assert all(torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor) for a, b in zip(proposals, again))
