@@ -8,11 +8,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
+from detectron2.utils.logger import log_first_n
 
 from ..config import add_smallbn_config, check_smallbn_config
 from .trainer import SmallBNTrainer
 
-logger = logging.getLogger(__name__)
 
 
 def resolve_config_file(path):
@@ -30,7 +30,8 @@ def build_config(config_file, opts=()):
     cfg.merge_from_file(resolve_config_file(config_file))
     cfg.merge_from_list(list(opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("No CUDA device: running on CPU (MODEL.DEVICE cpu)")
+        # once per process: tools build many configs (study runs, benchmark settings)
+        log_first_n(logging.WARNING, "No CUDA device: running on CPU (MODEL.DEVICE cpu)", name=__name__, key="message")
         cfg.MODEL.DEVICE = "cpu"
     check_smallbn_config(cfg)
     return cfg

@@ -21,7 +21,6 @@ import os
 import re
 from collections import namedtuple
 
-import numpy as np
 import pytest
 import torch
 import detectron2.modeling
@@ -30,7 +29,6 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.layers.batch_norm import CycleBatchNormList
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
-from PIL import Image
 
 import d2_smallbn  # noqa: F401  (registration)
 from d2_smallbn.engine import SmallBNTrainer
@@ -40,6 +38,7 @@ from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, Cr
 from d2_smallbn.model_zoo import CONFIG_ROOT, list_configs
 from d2_smallbn.modeling import PerLevelNorm, check_converted
 from d2_smallbn.paper_results import PAPER_RESULTS, paper_result
+from generated_images import make_images
 
 # ------------------------------------------------------------------------------------------------
 # The configs on disk
@@ -507,32 +506,10 @@ def _training_groups():
 TRAINING_GROUPS = _training_groups()
 
 
-def make_images(folder, count=4, size=(64, 96), seed=0):
-    """Dark images with two coloured rectangles each (boxes and polygon masks), as dataset dicts."""
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(count):
-        h, w = size
-        img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
-        annos = []
-        for _ in range(2):
-            bw, bh = int(rng.integers(16, 40)), int(rng.integers(16, 32))
-            x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-            cls = int(rng.integers(0, 2))
-            img[y0:y0 + bh, x0:x0 + bw] = (200, 60, 60) if cls == 0 else (60, 200, 60)
-            poly = [x0, y0, x0 + bw, y0, x0 + bw, y0 + bh, x0, y0 + bh]
-            annos.append({"bbox": [x0, y0, bw, bh], "bbox_mode": 1, "category_id": cls,
-                          "segmentation": [[float(v) for v in poly]], "iscrowd": 0})
-        path = os.path.join(folder, f"{i}.png")
-        Image.fromarray(img).save(path)
-        records.append({"file_name": path, "image_id": i, "height": h, "width": w, "annotations": annos})
-    return records
-
-
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     name = "smallbn_configs_tiny"
-    records = make_images(str(tmp_path_factory.mktemp("config_images")))
+    records = make_images(str(tmp_path_factory.mktemp("config_images")), size=(64, 96))
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
