@@ -14,7 +14,6 @@ from ..config import add_smallbn_config, check_smallbn_config
 from .trainer import SmallBNTrainer
 
 
-
 def resolve_config_file(path):
     """A config path, or a name relative to ``configs/`` (works from any working directory)."""
     if os.path.isfile(path):
