@@ -58,7 +58,7 @@ unfolded (the stock FrozenBN deployment). Absolute times appear only next to the
 Usage:
     python tools/benchmark.py [--size HxW] [--depth 50] [--iters N] [--warmup N] [--device cpu|cuda]
         [--out DIR] [--settings frozen_cbn,mabn,...] [--tiny] [--lr LR] [--cbn-window K] [--seed S]
-        [--memory-rounds N] [--threads N] [--verbose]
+        [--memory-rounds N] [--threads N] [--profile mabn,bn,...] [--verbose]
 
 Defaults: 800x1216 on CUDA; 320x480 on CPU (full-size R50 steps take tens of seconds there);
 10 timed rounds after 2 warmup rounds on CUDA, 5 after 1 on CPU. ``--tiny`` is a smoke-test model
@@ -553,8 +553,25 @@ def run(args, device, keys):
                 s.model.train()
         if args.verbose:
             print(f"round {r + 1}/{rounds + args.memory_rounds}", file=sys.stderr, flush=True)
+    profiles = {key: profile_step(settings[key], train_inputs, rounds + args.memory_rounds, device, args.out)
+                for key in args.profile}
     return {"train": train_t, "infer": infer_t, "memory": memory, "fold": fold_report, "primed": primed,
-            "contention": contention, "settings": settings}
+            "contention": contention, "settings": settings, "profiles": profiles}
+
+
+def profile_step(s, inputs, round_seed, device, out):
+    """One more (untimed) training step of ``s`` under torch.profiler; writes its ops sorted by
+    self time to DIR/profile_<setting>.txt and returns the path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        train_step(s, inputs, round_seed, device, timed=False)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=40, max_name_column_width=60)
+    path = out / f"profile_{s.key}.txt"
+    path.write_text(f"{s.key}: {SETTINGS[s.key][4]}; one training step\n{table}\n")
+    return str(path)
 
 
 def analyse(raw, keys):
@@ -760,8 +777,15 @@ def parse_args(argv=None):
     p.add_argument("--cbn-window", type=int, default=4, help="CBN window k (default 4, MODEL.SMALLBN's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every available core)")
+    p.add_argument("--profile", type=parse_settings, default=[],
+                   help="after the timing, one more training step of each of these settings under "
+                        "torch.profiler; writes DIR/profile_<setting>.txt (ops by self time)")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     args = p.parse_args(argv)
+    measured = set(args.settings).union(*(references(k) for k in args.settings))
+    unmeasured = [k for k in args.profile if k not in measured]
+    if unmeasured:
+        p.error(f"--profile {','.join(unmeasured)}: not measured in this run; add them to --settings")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     cuda = args.device == "cuda"
@@ -816,6 +840,7 @@ def main(argv=None):
         "fold_check": raw["fold"],
         "contention": raw["contention"],
         "work_fg_rois_per_image": work,
+        "profiles": raw["profiles"],
         "results": results,
         "targets": targets,
     }
@@ -827,6 +852,8 @@ def main(argv=None):
     plot(report, png_path)
     print(md)
     print(f"runtime {report['runtime_s']:.1f} s; wrote {json_path}, {md_path} and {png_path}")
+    for path in report["profiles"].values():
+        print(f"profile: {path}")
     return report
 
 

@@ -49,7 +49,7 @@ def test_benchmark_tiny(tmp_path):
     out = tmp_path / "bench"
     requested = ["frozen_cbn", "cbn", "mabn", "bcn_ws"]
     proc = _run("benchmark.py", "--tiny", "--settings", ",".join(requested), "--iters", "1", "--warmup", "0",
-                "--device", "cpu", "--out", str(out))
+                "--device", "cpu", "--out", str(out), "--profile", "bn,mabn")
     report = json.loads((out / "benchmark.json").read_text())
     cfg = report["config"]
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
@@ -94,6 +94,12 @@ def test_benchmark_tiny(tmp_path):
         assert check["detections_matched_fraction"] >= 0.9, key
         assert check["features.p2"]["max_abs_err"] <= 1e-3 * check["features.p2"]["max_abs_ref"] + 1e-6, key
 
+    # the profiled training steps: ops by self time, the norm's own autograd function among them
+    assert set(report["profiles"]) == {"bn", "mabn"}
+    profiles = {k: Path(v).read_text() for k, v in report["profiles"].items()}
+    assert "aten::native_batch_norm_backward" in profiles["bn"] and "Self CPU" in profiles["bn"]
+    assert "_MABNFunctionBackward" in profiles["mabn"] and "Self CPU" in profiles["mabn"]
+
     # fixed training proposals: every setting's heads sampled the same foreground RoIs
     work = report["work_fg_rois_per_image"]
     assert set(work) == set(expected) and len({json.dumps(w, sort_keys=True) for w in work.values()}) == 1, work
@@ -110,6 +116,14 @@ def test_benchmark_tiny(tmp_path):
     assert report["device"]["name"] in md
     assert "| setting | reference |" in proc.stdout
     _check_png(out / "benchmark.png", min_width=1000)
+
+
+def test_benchmark_rejects_profiling_an_unmeasured_setting(tmp_path):
+    cmd = [sys.executable, str(TOOLS / "benchmark.py"), "--tiny", "--settings", "mabn", "--profile", "gn",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--profile gn: not measured in this run" in proc.stderr, proc.stderr
+    assert not (tmp_path / "benchmark.json").exists()
 
 
 def test_study_cbn_fidelity_tiny(tmp_path):
