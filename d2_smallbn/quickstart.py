@@ -98,13 +98,17 @@ def draw_predictions(cfg, model, dataset_name, path, count):
 
 
 def training_entries(metrics_json):
-    """The training entries (those with losses) of detectron2's metrics.json."""
+    """The training entries (those with losses) of the latest run in detectron2's metrics.json.
+
+    detectron2 appends to metrics.json, so a folder trained twice holds both runs; a new run
+    starts where the iteration stops increasing."""
     with open(metrics_json) as f:
         entries = [json.loads(line) for line in f if line.strip()]
     entries = [e for e in entries if "total_loss" in e]
     if not entries:
         raise ValueError(f"{metrics_json} has no training entries (was training interrupted?)")
-    return entries
+    starts = [i for i in range(1, len(entries)) if entries[i]["iteration"] <= entries[i - 1]["iteration"]]
+    return entries[starts[-1]:] if starts else entries
 
 
 def draw_curves(metrics_json, path):

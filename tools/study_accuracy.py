@@ -158,7 +158,8 @@ def execute(runs, jobs, threads):
             del active[key]
             folder, cmd = runs[key]
             if proc.returncode == 0:
-                write_json(folder / "study_run.json", {"command": cmd, "seconds": round(time.time() - started, 1)})
+                write_json(folder / "study_run.json", {"command": cmd, "seconds": round(time.time() - started, 1),
+                                                       "threads": threads, "jobs": jobs})
                 errors[key] = None
             else:
                 errors[key] = f"exit code {proc.returncode}; see {folder / 'log.txt'}"
@@ -171,13 +172,16 @@ def collect(runs):
     report = {}
     for (setting, seed), (folder, _) in runs.items():
         results = json.loads((folder / "results.json").read_text())
+        done = json.loads((folder / "study_run.json").read_text())
         entries = training_entries(folder / "metrics.json")
         times = [e["time"] for e in entries if "time" in e]
         entry = report.setdefault(setting, {"images_per_iteration": results["images_per_iteration"],
                                             "iterations": results["iterations"], "seeds": {}})
         entry["seeds"][seed] = {"ap": results["results"]["trained"], "curve": {"iteration": [e["iteration"] for e in entries],
                                           "total_loss": [e["total_loss"] for e in entries]},
-                                "seconds_per_iteration": statistics.median(times) if times else None}
+                                "seconds_per_iteration": statistics.median(times) if times else None,
+                                # how the run was executed: its torch threads, and how many runs shared the machine
+                                "threads": done.get("threads"), "jobs": done.get("jobs")}
     for entry in report.values():
         for task, key in METRICS:
             values = [s["ap"][task][key] for s in entry["seeds"].values()]
@@ -262,9 +266,12 @@ def main(argv=None):
     if missing:
         markdown += "\n\nNot finished (not in the table): " + ", ".join(f"{k[0]} seed {k[1]}" for k in missing)
     write_json(args.out / "study_accuracy.json", {
-        "command": command_line(), "jobs": args.jobs,
+        "command": command_line(), "report_only": args.report_only,
+        # this invocation's; each run's own are in its seed entry
+        "jobs": None if args.report_only else args.jobs,
+        "threads_per_job": None if args.report_only else args.threads,
         "device": device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-        "threads_per_job": args.threads, "wall_seconds": round(time.time() - started, 1),
+        "wall_seconds": round(time.time() - started, 1),
         "config_overrides": args.opts, "settings": report, "not_finished": [list(k) for k in missing]})
     (args.out / "study_accuracy.md").write_text(markdown + "\n")
     plot(report, args.out / "study_accuracy.png")

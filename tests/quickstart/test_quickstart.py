@@ -69,3 +69,23 @@ def test_iters_flag_scales_the_schedule_and_cbn_burnin(iters, steps, burnin, tmp
     cfg = build_cfg(parse_args(argv), tmp_path)
     assert cfg.SOLVER.MAX_ITER == (iters or 500) and tuple(cfg.SOLVER.STEPS) == steps
     assert cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS == burnin and cfg.MODEL.SMALLBN.CBN.WINDOW_SIZE == 4
+
+
+def test_training_entries_keep_the_latest_run_of_an_appended_metrics_file(tmp_path):
+    """detectron2 appends to metrics.json: a folder trained twice holds two runs, and the curves
+    and the accuracy study must read only the latest one (not a line back to iteration 19)."""
+    from d2_smallbn.quickstart import training_entries
+
+    def run(losses):
+        return [{"iteration": 19 + 20 * i, "total_loss": v, "lr": 0.01} for i, v in enumerate(losses)]
+
+    first, second = run([3.0, 2.0, 1.0]), run([4.0, 3.5])
+    evaluation = {"iteration": 59, "bbox/AP": 1.0}  # no losses: not a training entry
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(e) for e in first + [evaluation] + second) + "\n")
+    assert training_entries(path) == second
+    path.write_text("\n".join(json.dumps(e) for e in first + [evaluation]) + "\n")
+    assert training_entries(path) == first
+    path.write_text(json.dumps(evaluation) + "\n")
+    with pytest.raises(ValueError, match="no training entries"):
+        training_entries(path)

@@ -195,6 +195,7 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
         assert entry["iterations"] == 2 and list(entry["seeds"]) == ["0"]
         run = entry["seeds"]["0"]
         assert run["curve"]["iteration"][-1] == 1 and all(_positive(v) for v in run["curve"]["total_loss"])
+        assert run["threads"] == 1 and run["jobs"] == 1  # how it was executed (_run passes --threads 1)
         for metric in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
             m = entry[metric]
             assert 0 <= m["min"] <= m["mean"] <= m["max"] <= 100 and len(m["values"]) == 1, (name, metric)
@@ -229,6 +230,8 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
     proc = _run("study_accuracy.py", *common, "--settings", "cbn,gn", "--seeds", "0", "--report-only", *overrides)
     report = json.loads((out / "study_accuracy.json").read_text())
     assert list(report["settings"]) == ["cbn"] and report["not_finished"] == [["gn", 0]]
+    assert report["report_only"] is True and report["jobs"] is None and report["threads_per_job"] is None
+    assert report["settings"]["cbn"]["seeds"]["0"]["threads"] == 1  # the run's own, kept
     assert "start" not in proc.stdout and "Not finished (not in the table): gn seed 0" in proc.stdout
     assert not (out / "runs" / "gn_seed0").exists()
 
