@@ -195,7 +195,7 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
         assert entry["iterations"] == 2 and list(entry["seeds"]) == ["0"]
         run = entry["seeds"]["0"]
         assert run["curve"]["iteration"][-1] == 1 and all(_positive(v) for v in run["curve"]["total_loss"])
-        assert run["threads"] == 1 and run["jobs"] == 1  # how it was executed (_run passes --threads 1)
+        assert run["threads"] == 1 and run["jobs"] == 2  # how it was executed (--threads 1, --jobs 2)
         for metric in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
             m = entry[metric]
             assert 0 <= m["min"] <= m["mean"] <= m["max"] <= 100 and len(m["values"]) == 1, (name, metric)
