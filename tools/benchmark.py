@@ -136,6 +136,18 @@ def references(key):
     return refs
 
 
+def with_references(keys):
+    """``keys`` plus every setting they are compared with, and those settings' references in turn
+    (frozen_none, the fold reference, is itself compared with frozen_bn), in canonical order."""
+    closed, todo = set(), list(keys)
+    while todo:
+        key = todo.pop()
+        if key not in closed:
+            closed.add(key)
+            todo.extend(references(key))
+    return [k for k in SETTINGS if k in closed]
+
+
 # ---- configs, models, inputs --------------------------------------------------------------
 
 def build_cfg(key, args):
@@ -782,7 +794,7 @@ def parse_args(argv=None):
                         "torch.profiler; writes DIR/profile_<setting>.txt (ops by self time)")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     args = p.parse_args(argv)
-    measured = set(args.settings).union(*(references(k) for k in args.settings))
+    measured = with_references(args.settings)
     unmeasured = [k for k in args.profile if k not in measured]
     if unmeasured:
         p.error(f"--profile {','.join(unmeasured)}: not measured in this run; add them to --settings")
@@ -804,14 +816,8 @@ def main(argv=None):
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    keys = list(args.settings)
-    added = []
-    for key in list(keys):
-        for ref in references(key):
-            if ref not in keys:
-                keys.append(ref)
-                added.append(ref)
-    keys = [k for k in SETTINGS if k in keys]  # canonical order
+    keys = with_references(args.settings)
+    added = [k for k in keys if k not in args.settings]
 
     raw = run(args, device, keys)
     results, targets, work = analyse(raw, keys)

@@ -118,6 +118,20 @@ def test_benchmark_tiny(tmp_path):
     _check_png(out / "benchmark.png", min_width=1000)
 
 
+def test_benchmark_adds_references_transitively():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", TOOLS / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # bcn_ws is compared with bn, gn_ws and frozen_none; frozen_none in turn with frozen_bn
+    assert bench.with_references(["bcn_ws"]) == ["frozen_none", "frozen_bn", "bn", "gn_ws", "bcn_ws"]
+    assert bench.with_references(["frozen_bn"]) == ["frozen_none", "frozen_bn"]
+    for key in ALL_SETTINGS:
+        keys = bench.with_references([key])
+        assert all(ref in keys for k in keys for ref in bench.references(k)), key
+
+
 def test_benchmark_rejects_profiling_an_unmeasured_setting(tmp_path):
     cmd = [sys.executable, str(TOOLS / "benchmark.py"), "--tiny", "--settings", "mabn", "--profile", "gn",
            "--out", str(tmp_path)]
