@@ -40,6 +40,16 @@ def _check_png(path, min_width=600, min_height=300):
         assert img.size[0] >= min_width and img.size[1] >= min_height, img.size
 
 
+def _benchmark_module():
+    """tools/benchmark.py imported as a module (its functions, without running it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", TOOLS / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def _check_summary(s):
     assert all(_positive(s[k]) for k in ("median", "p25", "p75", "min", "max")), s
     assert s["min"] <= s["p25"] <= s["median"] <= s["p75"] <= s["max"]
@@ -119,11 +129,7 @@ def test_benchmark_tiny(tmp_path):
 
 
 def test_benchmark_adds_references_transitively():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench", TOOLS / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     # bcn_ws is compared with bn, gn_ws and frozen_none; frozen_none in turn with frozen_bn
     assert bench.with_references(["bcn_ws"]) == ["frozen_none", "frozen_bn", "bn", "gn_ws", "bcn_ws"]
     assert bench.with_references(["frozen_bn"]) == ["frozen_none", "frozen_bn"]
@@ -262,14 +268,10 @@ def test_study_accuracy_rejects_bad_arguments(tmp_path):
 def test_fixed_proposals_cover_ground_truth_and_background():
     """The benchmark's shared training proposals: the requested count per image, inside the image,
     jittered copies overlapping their ground-truth box, and random boxes that are all background."""
-    import importlib.util
-
     import torch
     from detectron2.structures import Boxes, pairwise_iou
 
-    spec = importlib.util.spec_from_file_location("bench", TOOLS / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     inputs, _ = bench.make_inputs(64, 96, 5, torch.device("cpu"), seed=0)
     copies = 4
     proposals = bench.fixed_proposals(inputs, count=100, seed=0, copies_per_box=copies)
