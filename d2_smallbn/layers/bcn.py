@@ -11,7 +11,10 @@ at a pretrained BN's statistics). Each training step, per channel:
 
 r is the update rate: the current learning rate, set by the trainer with ``set_update_rate``.
 A layer that trains with rate 0 would silently be GN plus a fixed affine, so it warns once.
-Step 3 is a per-channel affine map in eval, foldable into the conv; step 4 is not.
+Step 3 is exactly BatchNorm in eval mode on the updated estimates, so it runs as torch's fused
+batch_norm: one pass forward, and one backward pass that gives dx, d gamma_c and d beta_c together.
+In eval it is a per-channel affine map, foldable into the conv; step 4 is not.
+Both steps compute in float32 (float64 for a float64 input) and return the input's dtype.
 """
 import warnings
 
@@ -19,14 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import NormBase, batch_mean_var, channel_affine, check_float, check_int, empty_output, stat_dtype
+from ._common import (NormBase, batch_mean_var, check_float, check_int, empty_output, full_precision,
+                      stat_dtype)
+
+
+def compute_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def group_norm_per_group_affine(x, num_groups, group_weight, group_bias, eps):
     """Group normalization with one scale and shift per group (length G), statistics in fp32."""
     per_channel = x.shape[1] // num_groups
-    out = F.group_norm(x.to(torch.promote_types(x.dtype, torch.float32)), num_groups,
-                       group_weight.repeat_interleave(per_channel), group_bias.repeat_interleave(per_channel), eps)
+    with full_precision(x):
+        out = F.group_norm(x.to(compute_dtype(x)), num_groups, group_weight.repeat_interleave(per_channel),
+                           group_bias.repeat_interleave(per_channel), eps)
     return out.to(x.dtype)
 
 
@@ -95,9 +104,13 @@ class BatchChannelNorm2d(NormBase):
             self._update_estimates(x)
         if x.numel() == 0:
             return empty_output(x, self.weight, self.bias, self.group_weight, self.group_bias)
-        scale, shift = self.eval_scale_shift()
-        return group_norm_per_group_affine(channel_affine(x, scale, shift), self.num_groups,
-                                           self.group_weight, self.group_bias, self.eps)
+        with full_precision(x):  # autocast would return fp32 from batch_norm; the cast below is ours
+            # Clones: a second call in the same iteration updates the estimates in place, and this
+            # call's backward must still see the values it used.
+            y = F.batch_norm(x.to(compute_dtype(x)), self.running_mean.clone(), self.running_var.clone(),
+                             self.weight, self.bias, False, 0.0, self.eps)
+        out = group_norm_per_group_affine(y, self.num_groups, self.group_weight, self.group_bias, self.eps)
+        return out.to(x.dtype)
 
     @torch.no_grad()
     def _update_estimates(self, x):

@@ -115,3 +115,33 @@ def test_rate_from_a_shared_tensor_and_warning_when_never_set():
 def test_bad_group_count_has_a_clear_error():
     with pytest.raises(ValueError, match="divide"):
         BatchChannelNorm2d(10, num_groups=4)
+
+
+
+def reference_step(norm, x, rate):
+    """Algorithm 1 for one call, from the layer's current estimates; returns (out, new estimates)."""
+    shape = (1, -1, 1, 1)
+    mu_old, var_old = norm.running_mean.clone(), norm.running_var.clone()
+    m_b = x.detach().mean((0, 2, 3))
+    v_b = (x.detach() - mu_old.view(shape)).pow(2).mean((0, 2, 3))
+    mu, var = mu_old + rate * (m_b - mu_old), var_old + rate * (v_b - var_old)
+    x1 = norm.weight.view(shape) * (x - mu.view(shape)) / torch.sqrt(var.view(shape) + norm.eps) \
+        + norm.bias.view(shape)
+    return group_part_reference(x1, norm.group_weight, norm.group_bias, norm.eps), mu, var
+
+
+def test_two_calls_in_one_iteration_each_get_the_gradient_of_the_estimates_they_used():
+    norm = make(rate=0.5)
+    xs = [torch.randn(2, C, 4, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    outs, expected = [], []
+    for x in xs:
+        out_ref, mu, var = reference_step(norm, x, 0.5)
+        outs.append(norm(x))  # updates the estimates in place before the first call's backward
+        expected.append(out_ref)
+        torch.testing.assert_close(norm.running_mean, mu)
+        torch.testing.assert_close(norm.running_var, var)
+    g = [torch.randn_like(o) for o in outs]
+    params = (*xs, norm.weight, norm.bias, norm.group_weight, norm.group_bias)
+    got = torch.autograd.grad(outs, params, g)
+    for a, b in zip(got, torch.autograd.grad(expected, params, g)):
+        torch.testing.assert_close(a, b)
