@@ -11,8 +11,8 @@ at a pretrained BN's statistics). Each training step, per channel:
 
 r is the update rate: the current learning rate, set by the trainer with ``set_update_rate``.
 A layer that trains with rate 0 would silently be GN plus a fixed affine, so it warns once.
-Step 3 is exactly BatchNorm in eval mode on the updated estimates, so it runs as torch's fused
-batch_norm: one pass forward, and one backward pass that gives dx, d gamma_c and d beta_c together.
+Step 3 is BatchNorm in eval mode on the updated estimates: one pass forward, and in backward one
+product for dx and one fused reduction for d gamma_c and d beta_c (``_NormalizeByEstimates``).
 In eval it is a per-channel affine map, foldable into the conv; step 4 is not.
 Both steps compute in float32 (float64 for a float64 input) and return the input's dtype.
 """
@@ -104,11 +104,13 @@ class BatchChannelNorm2d(NormBase):
             self._update_estimates(x)
         if x.numel() == 0:
             return empty_output(x, self.weight, self.bias, self.group_weight, self.group_bias)
-        with full_precision(x):  # autocast would return fp32 from batch_norm; the cast below is ours
-            # Clones: a second call in the same iteration updates the estimates in place, and this
-            # call's backward must still see the values it used.
-            y = F.batch_norm(x.to(compute_dtype(x)), self.running_mean.clone(), self.running_var.clone(),
-                             self.weight, self.bias, False, 0.0, self.eps)
+        dtype = compute_dtype(x)
+        with full_precision(x):  # autocast would return fp32 here; the cast back below is ours
+            # Copies of the estimates: a second call in the same iteration updates them in place,
+            # and this call's backward must still see the values it used.
+            y = _NormalizeByEstimates.apply(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
+                                            self.running_mean.to(dtype, copy=True),
+                                            self.running_var.to(dtype, copy=True), self.eps)
         out = group_norm_per_group_affine(y, self.num_groups, self.group_weight, self.group_bias, self.eps)
         return out.to(x.dtype)
 
@@ -133,3 +135,31 @@ class BatchChannelNorm2d(NormBase):
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}"
+
+
+class _NormalizeByEstimates(torch.autograd.Function):
+    """Step 3: y = (x - mean) * rsqrt(var + eps) * weight + bias, with ``mean`` and ``var`` constants.
+
+    The forward is torch's eval-mode batch_norm. Its backward for x is several times slower on CPU
+    than the single product it amounts to, so dx is that product, and only d weight and d bias
+    come from batch_norm's backward (one fused reduction over grad_out and x).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, mean, var = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
+        if ctx.needs_input_grad[0]:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            grad_x = grad_out * (weight * torch.rsqrt(var + ctx.eps)).view(shape)
+        return grad_x, grad_weight, grad_bias, None, None, None

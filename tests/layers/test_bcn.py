@@ -145,3 +145,14 @@ def test_two_calls_in_one_iteration_each_get_the_gradient_of_the_estimates_they_
     got = torch.autograd.grad(outs, params, g)
     for a, b in zip(got, torch.autograd.grad(expected, params, g)):
         torch.testing.assert_close(a, b)
+
+
+def test_parameter_gradients_without_an_input_gradient():
+    norm = make(rate=0.5)
+    x = torch.randn(2, C, 4, 5, dtype=torch.float64)
+    expected, _, _ = reference_step(norm, x, 0.5)
+    out = norm(x)
+    g = torch.randn_like(out)
+    params = (norm.weight, norm.bias, norm.group_weight, norm.group_bias)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+        torch.testing.assert_close(a, b)
