@@ -43,6 +43,18 @@ def test_group_step_equals_f_group_norm_with_per_group_affine():
     torch.testing.assert_close(norm(x), expected)
 
 
+def reference_step(norm, x, rate):
+    """Algorithm 1 for one call, from the layer's current estimates; returns (out, new estimates)."""
+    shape = (1, -1, 1, 1)
+    mu_old, var_old = norm.running_mean.clone(), norm.running_var.clone()
+    m_b = x.detach().mean((0, 2, 3))
+    v_b = (x.detach() - mu_old.view(shape)).pow(2).mean((0, 2, 3))
+    mu, var = mu_old + rate * (m_b - mu_old), var_old + rate * (v_b - var_old)
+    x1 = norm.weight.view(shape) * (x - mu.view(shape)) / torch.sqrt(var.view(shape) + norm.eps) \
+        + norm.bias.view(shape)
+    return group_part_reference(x1, norm.group_weight, norm.group_bias, norm.eps), mu, var
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
 def test_training_step_matches_algorithm1(rate):
     norm = make(rate=rate)
@@ -50,11 +62,7 @@ def test_training_step_matches_algorithm1(rate):
     mu_old, var_old = norm.running_mean.clone(), norm.running_var.clone()
     m_b = x.detach().mean((0, 2, 3))
     v_b = (x.detach() - mu_old.view(1, -1, 1, 1)).pow(2).mean((0, 2, 3))
-    mu_new, var_new = mu_old + rate * (m_b - mu_old), var_old + rate * (v_b - var_old)
-    shape = (1, -1, 1, 1)
-    x1 = norm.weight.view(shape) * (x - mu_new.view(shape)) / torch.sqrt(var_new.view(shape) + norm.eps) \
-        + norm.bias.view(shape)
-    expected = group_part_reference(x1, norm.group_weight, norm.group_bias, norm.eps)
+    expected, mu_new, var_new = reference_step(norm, x, rate)
     out = norm(x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(norm.running_mean, mu_new)
@@ -115,19 +123,6 @@ def test_rate_from_a_shared_tensor_and_warning_when_never_set():
 def test_bad_group_count_has_a_clear_error():
     with pytest.raises(ValueError, match="divide"):
         BatchChannelNorm2d(10, num_groups=4)
-
-
-
-def reference_step(norm, x, rate):
-    """Algorithm 1 for one call, from the layer's current estimates; returns (out, new estimates)."""
-    shape = (1, -1, 1, 1)
-    mu_old, var_old = norm.running_mean.clone(), norm.running_var.clone()
-    m_b = x.detach().mean((0, 2, 3))
-    v_b = (x.detach() - mu_old.view(shape)).pow(2).mean((0, 2, 3))
-    mu, var = mu_old + rate * (m_b - mu_old), var_old + rate * (v_b - var_old)
-    x1 = norm.weight.view(shape) * (x - mu.view(shape)) / torch.sqrt(var.view(shape) + norm.eps) \
-        + norm.bias.view(shape)
-    return group_part_reference(x1, norm.group_weight, norm.group_bias, norm.eps), mu, var
 
 
 def test_two_calls_in_one_iteration_each_get_the_gradient_of_the_estimates_they_used():
