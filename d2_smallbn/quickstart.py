@@ -98,17 +98,22 @@ def draw_predictions(cfg, model, dataset_name, path, count):
 
 
 def training_entries(metrics_json):
-    """The training entries (those with losses) of the latest run in detectron2's metrics.json.
+    """The training entries (those with losses) of detectron2's metrics.json, as the latest run saw them.
 
-    detectron2 appends to metrics.json, so a folder trained twice holds both runs; a new run
-    starts where the iteration stops increasing."""
+    detectron2 appends to metrics.json, so a folder trained twice holds both runs, and a resumed
+    run repeats iterations after its checkpoint. An entry replaces every earlier one at the same or
+    a later iteration: a rerun from scratch drops the whole previous run, a resume only the part
+    after the checkpoint."""
     with open(metrics_json) as f:
         entries = [json.loads(line) for line in f if line.strip()]
-    entries = [e for e in entries if "total_loss" in e]
-    if not entries:
+    kept = []
+    for entry in (e for e in entries if "total_loss" in e):
+        while kept and kept[-1]["iteration"] >= entry["iteration"]:
+            kept.pop()
+        kept.append(entry)
+    if not kept:
         raise ValueError(f"{metrics_json} has no training entries (was training interrupted?)")
-    starts = [i for i in range(1, len(entries)) if entries[i]["iteration"] <= entries[i - 1]["iteration"]]
-    return entries[starts[-1]:] if starts else entries
+    return kept
 
 
 def draw_curves(metrics_json, path):

@@ -73,7 +73,8 @@ def test_iters_flag_scales_the_schedule_and_cbn_burnin(iters, steps, burnin, tmp
 
 def test_training_entries_keep_the_latest_run_of_an_appended_metrics_file(tmp_path):
     """detectron2 appends to metrics.json: a folder trained twice holds two runs, and the curves
-    and the accuracy study must read only the latest one (not a line back to iteration 19)."""
+    and the accuracy study must read only the latest one (not a line back to iteration 19); a
+    resumed run keeps the entries from before its checkpoint."""
     from d2_smallbn.quickstart import training_entries
 
     def run(losses):
@@ -86,6 +87,9 @@ def test_training_entries_keep_the_latest_run_of_an_appended_metrics_file(tmp_pa
     assert training_entries(path) == second
     path.write_text("\n".join(json.dumps(e) for e in first + [evaluation]) + "\n")
     assert training_entries(path) == first
+    resumed = [{"iteration": 39, "total_loss": 1.5, "lr": 0.01}, {"iteration": 59, "total_loss": 0.5, "lr": 0.01}]
+    path.write_text("\n".join(json.dumps(e) for e in first + resumed) + "\n")  # resumed after iteration 19
+    assert training_entries(path) == first[:1] + resumed
     path.write_text(json.dumps(evaluation) + "\n")
     with pytest.raises(ValueError, match="no training entries"):
         training_entries(path)
