@@ -14,6 +14,7 @@ texture, the texture's second colour, saturation and brightness are random. The 
 only exact cue; with ``hue_spread=360`` it is the only cue at all.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -215,7 +216,16 @@ def _shape_at(category_id, outline, hole, centre, image_size):
 def _rasterize(flat, image_size):
     """pycocotools' rasterization of a flat polygon, as a bool HxW mask."""
     height, width = image_size
-    return mask_utils.decode(mask_utils.frPyObjects([flat], height, width)[0]).astype(bool)
+    return decode_rle(mask_utils.frPyObjects([flat], height, width)[0]).astype(bool)
+
+
+def decode_rle(rle):
+    """``pycocotools.mask.decode`` of one RLE (HxW uint8), without its numpy-2 deprecation warning:
+    pycocotools' mask array has an ``__array__`` without numpy 2's copy keyword, so numpy falls back
+    to a plain conversion (the same array) and warns on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 # ------------------------------------------------------------------ appearance

@@ -5,6 +5,8 @@
   iteration is caught;
 - BCN: the update rate is set to the current learning rate of the layer's own parameters
   (warmup and decay included) from the optimizer's param group: a Python float, no host sync;
+- MABN under AMP: the layers get the trainer's GradScaler, so that their moving average of the
+  backward statistic is kept free of the loss scale;
 - CBN burn-in given in epochs is converted to iterations with the dataset size;
 - a loud warning when the images per process differ from the paper's per-GPU batch.
 """
@@ -14,7 +16,7 @@ import math
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..layers import BatchChannelNorm2d, CrossIterationBatchNorm2d
+from ..layers import BatchChannelNorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from ..layers._common import StepCounter
 from ..modeling.norms import check_converted
 
@@ -54,6 +56,10 @@ class SmallBNHook(HookBase):
         check_converted(model)
         check_batch_per_gpu(self.cfg, comm.get_world_size())
         self._counters = [m for m in model.modules() if isinstance(m, StepCounter) and not m.frozen]
+        scaler = getattr(getattr(self.trainer, "_trainer", self.trainer), "grad_scaler", None)  # AMPTrainer's
+        for m in self._counters:
+            if isinstance(m, MovingAverageBatchNorm2d):
+                m.set_loss_scaler(scaler)
         if self.cfg.MODEL.SMALLBN.CBN.BURNIN_EPOCHS > 0:
             if self.dataset_size is None:
                 raise ValueError("MODEL.SMALLBN.CBN.BURNIN_EPOCHS needs the dataset size: pass dataset_size to "

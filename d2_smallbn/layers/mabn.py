@@ -16,6 +16,11 @@ Schedule of the released code (iteration t is 1-based):
 - r = 1 while t <= max(clip_warmup_iters, warmup_iters);
 - the EMA tracks the chi_bar^2 actually used, and r uses the EMA from before this step's update.
 
+Mixed precision: with a GradScaler the incoming gradient is the loss scale S times the true one, so
+Psi is too. The ring stores Psi / S and the backward uses S * Psi_bar, so the SMA mixes no scales when
+S changes (``set_loss_scaler``; d2_smallbn's trainer hook passes AMP's scaler). A Psi that is not
+finite (an overflowed fp16 step, which the scaler skips) leaves its slot as it was.
+
 Eval: out = gamma * x / sqrt(chi_hat^2 + eps) + beta, foldable into the conv.
 Cost: forward one fp32 reduction and one multiply-add; backward one pass for sum(grad*x) and
 sum(grad), and one pass for dx = a*grad - b*x.
@@ -51,6 +56,7 @@ class MovingAverageBatchNorm2d(StepCounter):
         self.register_buffer("running_sqmean", torch.ones(num_features))
         self.register_buffer("sqmean_buffer", torch.zeros(buffer_size, num_features))
         self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
+        self.loss_scaler = None
 
     own_state = ("num_steps", "running_sqmean", "sqmean_buffer", "psi_buffer")
 
@@ -60,6 +66,10 @@ class MovingAverageBatchNorm2d(StepCounter):
         state_dict.pop(prefix + "num_batches_tracked", None)
         state_dict[prefix + "running_sqmean"] = var + mean * mean
         return "running_sqmean = running_var + running_mean^2, i.e. E[x^2]"
+
+    def set_loss_scaler(self, scaler):
+        """The ``torch.amp.GradScaler`` that scales the loss this layer's gradients come from (None: no scaling)."""
+        self.loss_scaler = scaler
 
     def uses_batch_statistics(self, t):
         return t < self.warmup_iters or t <= self.buffer_size
@@ -90,7 +100,8 @@ class MovingAverageBatchNorm2d(StepCounter):
             self.running_sqmean.lerp_(used, 1.0 - self.momentum)
             inv_chi = torch.rsqrt(used + self.eps)
         self._end_step()
-        return _MABNFunction.apply(x, self.weight, self.bias, inv_chi, r, self.psi_buffer, slot, batch)
+        return _MABNFunction.apply(x, self.weight, self.bias, inv_chi, r, self.psi_buffer, slot, batch,
+                                   self.loss_scaler)
 
     def eval_scale_shift(self):
         """Per-channel (scale, shift) with eval(x) = x * scale + shift."""
@@ -107,12 +118,13 @@ class _MABNFunction(torch.autograd.Function):
 
     ``inv_chi`` and ``r`` are constants. With ``batch`` the backward uses this step's Psi, which
     makes it the exact gradient through the batch chi; otherwise the SMA of ``psi_buffer``.
+    ``scaler`` is read in backward: its scale tensor exists only once the loss has been scaled.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, inv_chi, r, psi_buffer, slot, batch):
+    def forward(ctx, x, weight, bias, inv_chi, r, psi_buffer, slot, batch, scaler):
         ctx.save_for_backward(x, weight, inv_chi, r)
-        ctx.psi_buffer, ctx.slot, ctx.batch = psi_buffer, slot, batch
+        ctx.psi_buffer, ctx.slot, ctx.batch, ctx.scaler = psi_buffer, slot, batch, scaler
         return channel_affine(x, weight * r * inv_chi, bias)
 
     @staticmethod
@@ -124,15 +136,26 @@ class _MABNFunction(torch.autograd.Function):
         sum_gx = (grad_out * x).sum(dims, dtype=dtype)
         sum_g = grad_out.sum(dims, dtype=dtype)
         weight32 = weight.detach().to(dtype)
-        psi = weight32 * r * inv_chi * sum_gx / count
-        ctx.psi_buffer[ctx.slot] = psi
+        psi = weight32 * r * inv_chi * sum_gx / count  # in units of the loss scale
+        scale = _loss_scale(ctx.scaler)
+        stored = psi if scale is None else psi / scale
+        ctx.psi_buffer[ctx.slot] = torch.where(torch.isfinite(stored), stored, ctx.psi_buffer[ctx.slot])
         psi_bar = psi if ctx.batch else ctx.psi_buffer.mean(0)
+        if scale is not None and not ctx.batch:
+            psi_bar = psi_bar * scale
         shape = (1, -1) + (1,) * (x.dim() - 2)
         a = (weight32 * r * inv_chi).to(x.dtype).view(shape)
         b = (inv_chi * inv_chi * psi_bar).to(x.dtype).view(shape)
         grad_x = torch.addcmul(grad_out * a, x, b, value=-1.0)
         grad_weight = (sum_gx * r * inv_chi).to(weight.dtype)
-        return grad_x, grad_weight, sum_g.to(weight.dtype), None, None, None, None, None
+        return grad_x, grad_weight, sum_g.to(weight.dtype), None, None, None, None, None, None
+
+
+def _loss_scale(scaler):
+    """The GradScaler's current scale as a device tensor (``get_scale()`` would sync the host), or None."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return getattr(scaler, "_scale", None)
 
 
 class CenteredConv2d(NormActConv2d):

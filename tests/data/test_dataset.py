@@ -18,6 +18,7 @@ from d2_smallbn.data import (
     CATEGORIES, DatasetError, check_coco_dataset, default_root, generate_dataset, register_shapes,
 )
 from d2_smallbn.data.registration import SHAPES_DATASETS
+from d2_smallbn.data.scene import decode_rle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "tools" / "make_dataset.py"
@@ -108,7 +109,7 @@ def test_coco_masks_areas_and_boxes_are_consistent(dataset, split):
         assert 160 <= image["width"] <= 320 and 160 <= image["height"] <= 320
         covered = np.zeros((image["height"], image["width"]), np.int32)
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
-            mask = coco.annToMask(ann)
+            mask = decode_rle(coco.annToRLE(ann))
             assert ann["iscrowd"] == 0 and ann["area"] == int(mask.sum()) > 0
             ys, xs = np.nonzero(mask)
             tight = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]

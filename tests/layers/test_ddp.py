@@ -228,6 +228,12 @@ def reference_run(setup):
             "mabn_ratios": ratios}
 
 
+@pytest.fixture(autouse=True)
+def device():
+    """CPU only: the ranks are gloo processes (the per-device runs are the other layer tests')."""
+    return torch.device("cpu")
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     """Trains every kind under DDP in one spawn; {kind: (setup, [result of rank r])}."""

@@ -12,7 +12,7 @@ from d2_smallbn.layers import fold_conv_norm
 
 
 def train_steps(layer, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
     opt = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
     for _ in range(steps):
         x = torch.randn(2, 4, 6, 6, generator=gen)
@@ -65,11 +65,11 @@ def test_constant_channels_give_no_nan(kind):
         assert torch.isfinite(p.grad).all()
 
 
-def test_fp16_under_autocast_keeps_dtype_and_does_not_overflow(kind):
+def test_fp16_under_autocast_keeps_dtype_and_does_not_overflow(kind, device):
     layer = build_layer(kind)
     for step in range(5):
         x = torch.randn(2, 4, 6, 6) * 300  # conv outputs well above 256: x^2 would overflow in fp16
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             out = layer(x)
             assert out.dtype == torch.float16
             y = F.conv2d(x, layer.effective_weight(), None, padding=1)

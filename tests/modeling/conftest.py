@@ -1,4 +1,6 @@
 """Tiny detectors and a tiny generated dataset for the integration tests (CPU, seconds)."""
+import os
+
 import pytest
 
 import d2_smallbn  # noqa: F401  (registration)
@@ -19,14 +21,15 @@ def register(name, records):
 def tiny_cfg(backbone="MABN", fpn="", box="", mask="", dataset="smallbn_tiny", output_dir=None, iters=4,
              meta="GeneralizedRCNN"):
     """Mask R-CNN R18-FPN, 4conv1fc, 32 channels, ~100 px images, 2 images per iteration."""
-    from detectron2 import model_zoo
+    import detectron2
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_smallbn_config(cfg)
     name = "COCO-Detection/retinanet_R_50_FPN_1x.yaml" if meta == "RetinaNet" else \
         "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
-    cfg.merge_from_file(model_zoo.get_config_file(name))
+    # detectron2's own config files, by path: detectron2.model_zoo imports the deprecated pkg_resources
+    cfg.merge_from_file(os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs", name))
     m = cfg.MODEL
     m.DEVICE, m.WEIGHTS = "cpu", ""
     m.BACKBONE.NAME = "build_smallbn_retinanet_resnet_fpn_backbone" if meta == "RetinaNet" else \
