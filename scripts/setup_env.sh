@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the environment of one supported stack and prints its Python.
 #
-#   scripts/setup_env.sh [pinned|current]      (default: pinned)
+#   scripts/setup_env.sh [pinned|current|gpu-standin]      (default: pinned)
 #
 #   pinned   ./.venv          Python 3.10, torch 2.3.1, numpy<2, detectron2 = the sal-detectron2 wheel
 #                             (upstream a59f0563 with its compiled _C)            requirements/pinned.txt
 #   current  ./.venv-current  Python 3.12, torch 2.11.0, torchvision 0.26.0, numpy 2, detectron2's
 #                             Python files without _C        requirements/current-base.txt + current.txt
+#   gpu-standin               the "current-base" layer alone: the GPU machine's preinstalled packages,
+#                             on which GPU_CHECK_DEVICE=cpu bash tools/gpu_check.sh rehearses the check
 #
 # Dependencies are installed once into layers under ~/.cache/d2_smallbn (D2_SMALLBN_ENV_CACHE),
 # each keyed by the hash of its requirements (and of the layers below it). The current stack has two
@@ -18,7 +20,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stack="${1:-pinned}"
 cache="${D2_SMALLBN_ENV_CACHE:-$HOME/.cache/d2_smallbn}"
-STACKS="pinned current"
+STACKS="pinned current gpu-standin"
 
 log() { echo "setup_env: $*" >&2; }
 
@@ -90,11 +92,15 @@ case "$stack" in
     deps="$(layer deps "$key" "$python" install_requirements)"
     checkout_venv "$root/.venv" "$python" "$key" "$deps"
     ;;
-  current)
+  current|gpu-standin)
     python="$(find_python 3.12 "${D2_SMALLBN_PYTHON312:-}")" || { log "(D2_SMALLBN_PYTHON312)"; exit 1; }
     requirements="$root/requirements/current-base.txt"
     base_key="$(hash_of "$requirements")"
     base="$(layer current-base "$base_key" "$python" install_requirements)"
+    if [ "$stack" = gpu-standin ]; then
+      log "ready ($stack): $base"
+      echo "$base/bin/python"; exit 0
+    fi
     key="$(echo "$base_key" | cat - "$root/requirements/current.txt" "$root/scripts/detectron2_wheel.py" | sha256sum | cut -c1-16)"
     deps="$(layer current-deps "$key" "$python" install_current_deps "$base")"
     checkout_venv "$root/.venv-current" "$python" "$key" "$deps" "$base"
