@@ -56,7 +56,7 @@ def build_norm(name, channels, cfg=None):
                                         clip_warmup_iters=m.CLIP_WARMUP_ITERS, eps=m.EPS)
     if name == "BCN":
         norm = BatchChannelNorm2d(channels, num_groups=s.BCN.NUM_GROUPS, eps=s.BCN.EPS)
-        rate = cfg.SOLVER.BASE_LR if s.BCN.UPDATE_RATE == "lr" else s.BCN.UPDATE_RATE
+        rate = cfg.SOLVER.BASE_LR if s.BCN.UPDATE_RATE_MODE == "lr" else s.BCN.UPDATE_RATE
         norm.set_update_rate(float(rate))  # never silently GN: start at the base LR
         return norm
     raise KeyError(name)

@@ -131,3 +131,15 @@ def test_warns_when_images_per_process_differ_from_the_paper(tiny_dataset, tmp_p
         trainer.train()
     assert "reproduces a paper setting with 4 images per GPU" in caplog.text
     assert any(isinstance(m, MovingAverageBatchNorm2d) for m in trainer.model.modules())
+
+
+def test_fixed_bcn_update_rate_is_kept_through_warmup(tiny_dataset, tmp_path):
+    cfg = tiny_cfg(backbone="MABN", box="BCN", iters=3, output_dir=str(tmp_path))
+    cfg.MODEL.SMALLBN.BCN.UPDATE_RATE_MODE, cfg.MODEL.SMALLBN.BCN.UPDATE_RATE = "fixed", 0.05
+    cfg.SOLVER.WARMUP_ITERS = 2
+    trainer, rec = make_trainer(cfg, tiny_dataset)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert len({lr for lr, _ in rec.rates}) == 3  # the learning rate moved ...
+    for _, rates in rec.rates:  # ... the update rate did not
+        assert rates and all(r == pytest.approx(0.05) for r in rates)
