@@ -46,9 +46,13 @@ def test_main_command_writes_every_promised_file(tmp_path):
            "--output-dir", str(out)] + TINY
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("results.json", "predictions.png", "curves.png", "metrics.json", "model_final.pth", "config.yaml"):
+    for name in ("results.json", "predictions.png", "curves.png", "metrics.json", "model_final.pth", "config.yaml",
+                 "log.txt"):
         path = out / name
         assert path.is_file() and str(path) in proc.stdout, name  # the end prints where every file is
+    log = (out / "log.txt").read_text()  # detectron2's lines and ours, as on stdout
+    assert "d2_smallbn.quickstart INFO: Training quickstart/mask_rcnn_R18_FPN_cbn.yaml" in log
+    assert "d2.engine.train_loop INFO: Starting training from iteration 0" in log
     for name, min_size in (("predictions.png", (150, 90)), ("curves.png", (600, 300))):
         with Image.open(out / name) as img:
             assert img.size[0] >= min_size[0] and img.size[1] >= min_size[1], (name, img.size)
