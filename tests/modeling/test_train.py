@@ -143,3 +143,37 @@ def test_fixed_bcn_update_rate_is_kept_through_warmup(tiny_dataset, tmp_path):
     assert len({lr for lr, _ in rec.rates}) == 3  # the learning rate moved ...
     for _, rates in rec.rates:  # ... the update rate did not
         assert rates and all(r == pytest.approx(0.05) for r in rates)
+
+
+def test_training_on_a_truncated_image_names_the_file(tmp_path):
+    from PIL import Image
+
+    from d2_smallbn.data import DatasetError
+
+    records = make_images(str(tmp_path), count=2)
+    damaged = tmp_path / "damaged.jpg"
+    Image.open(records[1]["file_name"]).convert("RGB").save(damaged, format="JPEG")
+    damaged.write_bytes(damaged.read_bytes()[:700])  # the header survives, the image data does not
+    records[1]["file_name"] = str(damaged)
+    register("smallbn_truncated", records)
+    cfg = tiny_cfg(backbone="MABN", dataset="smallbn_truncated", iters=2, output_dir=str(tmp_path / "out"))
+    trainer = SmallBNTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(DatasetError, match="truncated") as info:
+        trainer.train()  # both images are in the first batch
+    assert str(damaged) in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_a_training_set_without_annotations_is_explained(tmp_path):
+    from d2_smallbn.data import DatasetError
+
+    records = make_images(str(tmp_path), count=2)
+    for r in records:
+        r["annotations"] = []
+    register("smallbn_unannotated", records)
+    cfg = tiny_cfg(backbone="MABN", dataset="smallbn_unannotated", output_dir=str(tmp_path / "out"))
+    with pytest.raises(DatasetError) as info:
+        SmallBNTrainer(cfg)
+    message = str(info.value)
+    assert "'smallbn_unannotated': 2 images, 0 annotations" in message
+    assert "FILTER_EMPTY_ANNOTATIONS" in message and "Fix:" in message
