@@ -12,6 +12,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import log_first_n, setup_logger
 
 from ..config import add_smallbn_config, check_smallbn_config
+from .checkpoint import explain_unreadable_checkpoint
 from .trainer import SmallBNTrainer
 
 
@@ -61,7 +62,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = SmallBNTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        with explain_unreadable_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, args.resume):
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = SmallBNTrainer.test(cfg, model)
         verify_results(cfg, results)
         return results

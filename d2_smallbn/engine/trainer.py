@@ -11,6 +11,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from ..data.loading import build_test_loader, build_train_loader
 from ..layers import GroupNormPerGroupAffine
 from ..modeling.norms import PerLevelNorm, SMALLBN_NORM_TYPES
+from .checkpoint import explain_unreadable_checkpoint
 from .hooks import SmallBNHook
 
 
@@ -46,6 +47,10 @@ class SmallBNTrainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    def resume_or_load(self, resume=True):
+        with explain_unreadable_checkpoint(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume):
+            super().resume_or_load(resume=resume)
 
     @classmethod
     def build_train_loader(cls, cfg):

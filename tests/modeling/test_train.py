@@ -177,3 +177,28 @@ def test_a_training_set_without_annotations_is_explained(tmp_path):
     message = str(info.value)
     assert "'smallbn_unannotated': 2 images, 0 annotations" in message
     assert "FILTER_EMPTY_ANNOTATIONS" in message and "Fix:" in message
+
+
+def test_resume_from_a_truncated_last_checkpoint_names_it_and_the_earlier_ones(tiny_dataset, tmp_path):
+    from d2_smallbn.engine.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(backbone="MABN", iters=2, output_dir=str(tmp_path))
+    cfg.SOLVER.CHECKPOINT_PERIOD = 1
+    trainer, _ = make_trainer(cfg, tiny_dataset)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    final = tmp_path / "model_final.pth"
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert (tmp_path / "model_0000000.pth").is_file() and (tmp_path / "model_0000001.pth").is_file()
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])  # killed while saving
+    with pytest.raises(CheckpointError) as info:
+        SmallBNTrainer(cfg).resume_or_load(resume=True)
+    message = str(info.value)
+    assert message.startswith(f"{final}: the last checkpoint") and "truncated" in message
+    assert "echo model_0000001.pth > " + str(tmp_path / "last_checkpoint") in message
+    assert "model_0000001.pth, model_0000000.pth" in message
+
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")  # the fix the message gives
+    resumed = SmallBNTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
