@@ -221,3 +221,19 @@ def test_fixed_bcn_update_rate_loads_from_yaml_command_line_and_a_dumped_config(
     cfg.merge_from_list(["MODEL.SMALLBN.BCN.UPDATE_RATE_MODE", "fixed", "MODEL.SMALLBN.BCN.UPDATE_RATE", "0.0"])
     with pytest.raises(ValueError, match=r"BCN.UPDATE_RATE = 0.0 .*\(0, 1\]"):
         check_smallbn_config(cfg)
+
+
+def test_bcn_groups_that_do_not_divide_the_channels_name_the_key_and_every_layer():
+    cfg = tiny_cfg(backbone="BCN", fpn="BCN")  # R18: 64-512 channels; FPN: 32
+    cfg.MODEL.SMALLBN.BCN.NUM_GROUPS = 64
+    with pytest.raises(ValueError) as info:
+        build_model(cfg)
+    message = str(info.value)
+    assert message.startswith("MODEL.SMALLBN.BCN.NUM_GROUPS = 64 does not divide the channels of 8 BCN layer(s): "
+                              "backbone.fpn_lateral2.norm (32 channels)"), message
+    assert "Fix: set MODEL.SMALLBN.BCN.NUM_GROUPS to a divisor of every BCN layer's channels (here: 32, 16, 8, 4)" \
+        in message
+    with pytest.raises(ValueError, match="NUM_GROUPS = 32 does not divide the 48 channels"):
+        get_norm("BCN", 48)  # by name outside build_model (default settings): at once
+    cfg.MODEL.SMALLBN.BCN.NUM_GROUPS = 32
+    assert len([m for m in build_model(cfg).modules() if isinstance(m, BatchChannelNorm2d)]) == 28
