@@ -441,3 +441,27 @@ def test_make_dataset_cli_reports_the_repair(tmp_path, capsys, decode_counter):
     assert "reused" not in out and "regenerated 1 damaged file" in out
     assert str(tmp_path / "cli" / "train" / "000000.jpg") in out and "truncated" in out
     check_coco_dataset(tmp_path / "cli" / "annotations" / "instances_train.json", tmp_path / "cli" / "train")
+
+
+def test_import_registers_the_names_touching_no_file_and_loading_says_how_to_generate(tmp_path):
+    code = ("import d2_smallbn\n"
+            "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+            "from d2_smallbn.data import DatasetError\n"
+            "assert {'smallbn_shapes_train', 'smallbn_shapes_val'} <= set(DatasetCatalog.list())\n"
+            "print(MetadataCatalog.get('smallbn_shapes_val').json_file)\n"
+            "try:\n"
+            "    DatasetCatalog.get('smallbn_shapes_train')\n"
+            "except DatasetError as err:\n"
+            "    print(err)\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "D2_SMALLBN_DATASETS": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    json_file, message = proc.stdout.strip().split("\n", 1)
+    root = tmp_path / "data" / "smallbn_shapes"
+    assert json_file == str(root / "annotations" / "instances_val.json")
+    assert message.startswith("dataset 'smallbn_shapes_train' is not generated yet")
+    assert f"python tools/make_dataset.py --root {root}" in message and "generate_dataset(" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and not any(work.iterdir())  # no file touched
