@@ -129,12 +129,14 @@ def draw_curves(metrics_json, path):
 
     entries = training_entries(metrics_json)
     it = [e["iteration"] for e in entries]
+    marker = "o" if len(entries) == 1 else None  # a line through a single point is invisible
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted(k for k in entries[0] if k.startswith("loss_") or k == "total_loss"):
-        ax_loss.plot(it, [e.get(key, np.nan) for e in entries], label=key, lw=2 if key == "total_loss" else 1)
+        ax_loss.plot(it, [e.get(key, np.nan) for e in entries], label=key, lw=2 if key == "total_loss" else 1,
+                     marker=marker)
     ax_loss.set(xlabel="iteration", ylabel="loss", title="training losses", yscale="log")
     ax_loss.legend(fontsize=7)
-    ax_lr.plot(it, [e.get("lr", np.nan) for e in entries])
+    ax_lr.plot(it, [e.get("lr", np.nan) for e in entries], marker=marker)
     ax_lr.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
