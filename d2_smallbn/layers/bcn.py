@@ -143,7 +143,7 @@ class BatchChannelNorm2d(NormBase):
         part = GroupNormPerGroupAffine(self.num_features, self.num_groups, self.eps)
         part.weight.data.copy_(self.group_weight.detach())
         part.bias.data.copy_(self.group_bias.detach())
-        return part.to(self.group_weight.device)
+        return part.to(self.group_weight)  # same device and dtype
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}"
