@@ -42,7 +42,11 @@ def add_smallbn_config(cfg):
     _c.BCN = CN()
     _c.BCN.NUM_GROUPS = 32
     _c.BCN.EPS = 1e-5
-    _c.BCN.UPDATE_RATE = "lr"       # "lr": the current learning rate every iteration; or a fixed float
+    # The running estimates' update rate r. "lr": the current learning rate of the layer's parameters,
+    # every iteration (the paper); "fixed": BCN.UPDATE_RATE. Two keys of fixed types, so that either
+    # choice loads from YAML, the command line and a dumped config.yaml (as CLIP_TYPE / CLIP_VALUE do).
+    _c.BCN.UPDATE_RATE_MODE = "lr"
+    _c.BCN.UPDATE_RATE = 0.0        # used with UPDATE_RATE_MODE "fixed": a number in (0, 1]
     _c.WS = CN()
     _c.WS.EPS = 1e-5
     _c.WS.MODE = "std"              # "std": released checkpoints; "var": paper eq. 7
@@ -81,8 +85,16 @@ def check_smallbn_config(cfg):
              "a number >= 1 (r is clipped to [1/lambda, lambda])")
     b = s.BCN
     _require(isinstance(b.NUM_GROUPS, int) and b.NUM_GROUPS >= 1, "BCN.NUM_GROUPS", b.NUM_GROUPS, "an integer >= 1")
-    _require(b.UPDATE_RATE == "lr" or (isinstance(b.UPDATE_RATE, num) and 0 <= b.UPDATE_RATE <= 1),
-             "BCN.UPDATE_RATE", b.UPDATE_RATE, "'lr' (tied to the learning rate) or a number in [0, 1]")
+    _require(b.UPDATE_RATE_MODE in ("lr", "fixed"), "BCN.UPDATE_RATE_MODE", b.UPDATE_RATE_MODE,
+             "'lr' (the current learning rate) or 'fixed' (BCN.UPDATE_RATE)")
+    if b.UPDATE_RATE_MODE == "fixed":
+        _require(isinstance(b.UPDATE_RATE, num) and 0 < b.UPDATE_RATE <= 1, "BCN.UPDATE_RATE", b.UPDATE_RATE,
+                 "with UPDATE_RATE_MODE 'fixed', a number in (0, 1] (0 would freeze the estimates: GN plus a "
+                 "fixed affine)")
+    else:
+        _require(isinstance(b.UPDATE_RATE, num) and b.UPDATE_RATE == 0, "BCN.UPDATE_RATE", b.UPDATE_RATE,
+                 "it is used only with MODEL.SMALLBN.BCN.UPDATE_RATE_MODE 'fixed', and the mode is 'lr'. Fix: add "
+                 "MODEL.SMALLBN.BCN.UPDATE_RATE_MODE fixed, or leave UPDATE_RATE at 0.0 to follow the learning rate")
     _require(s.WS.MODE in ("std", "var"), "WS.MODE", s.WS.MODE, "'std' (released checkpoints) or 'var' (eq. 7)")
     for key, value in (("CBN.EPS", c.EPS), ("MABN.EPS", m.EPS), ("BCN.EPS", b.EPS), ("WS.EPS", s.WS.EPS)):
         _require(isinstance(value, num) and value > 0, key, value, "a number > 0")

@@ -482,6 +482,14 @@ def save_d2_pickle(model, path):
                            "pass a writable output path") from None
 
 
+def _same_file(a, b):
+    """True when paths ``a`` and ``b`` name one file (also through links or relative paths)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def default_report_path(output):
     return os.path.splitext(output)[0] + ".report.json"
 
@@ -494,6 +502,11 @@ def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier
         raise ConvertError(output, "output does not end with .pkl",
                            "name it *.pkl: detectron2 picks the loader by extension, and only .pkl is read "
                            "as a name -> array dict")
+    report_path = report_path or default_report_path(output)
+    for path, role in ((output, "output"), (report_path, "report")):
+        if _same_file(src, path):
+            raise ConvertError(path, f"the {role} file is the input checkpoint {src}: writing it would destroy the "
+                               "input", f"pass another {role} path" + (" (--report)" if role == "report" else ""))
     state = load_checkpoint(src, trust_pickle=trust_pickle)
     try:
         report = convert_state_dict(state, target_norm, num_groups, keep_classifier)
@@ -507,7 +520,6 @@ def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier
     save_d2_pickle(model, output)
     report = {"source": os.path.abspath(src), "output": os.path.abspath(output),
               "num_source_keys": len(state), "num_output_keys": len(model), **report}
-    report_path = report_path or default_report_path(output)
     report["report"] = os.path.abspath(report_path)
     try:
         with open(report_path, "w") as f:

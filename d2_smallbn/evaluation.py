@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import sys
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TASKS = ("bbox", "segm")
@@ -28,6 +29,16 @@ REQUIRED_KEYS = ("image_id", "category_id", "score")
 RESULTS_FIX = ("a results file is a JSON list of {image_id, category_id, score, bbox: [x, y, w, h]} "
                "and/or {..., segmentation: RLE}, as detectron2's COCOEvaluator writes "
                "(coco_instances_results.json)")
+
+
+REWRITE_FIX = {
+    "results file": "re-write the file completely (e.g. re-run inference); a partly written file cannot be evaluated",
+    "annotation file": "restore the complete annotation file of the dataset (copy or download it again; the "
+                       "built-in smallbn_shapes: `python tools/make_dataset.py` regenerates a damaged one); a partly "
+                       "written file cannot be evaluated against",
+}
+NO_DETECTIONS = ("no detections (an empty list): every AP is nan, as detectron2's COCOEvaluator reports a model "
+                 "without predictions; check that inference ran on this dataset")
 
 
 class EvalFileError(Exception):
@@ -63,9 +74,7 @@ def read_json(path, role):
         where = f"line {e.lineno} column {e.colno}"
         truncated = e.pos >= len(raw.rstrip()) - 1
         what = "ends in the middle of the JSON (truncated)" if truncated else f"is not valid JSON ({e.msg} at {where})"
-        raise EvalFileError(path, f"{role} {what}",
-                            "re-write the file completely (e.g. re-run inference); a partly written file cannot be "
-                            "evaluated") from None
+        raise EvalFileError(path, f"{role} {what}", REWRITE_FIX.get(role, REWRITE_FIX["results file"])) from None
 
 
 def _plural(n, word):
@@ -151,10 +160,12 @@ def load_results(path, gt, tasks=None):
     if not isinstance(dets, list):
         raise EvalFileError(path, f"results file holds a JSON {type(dets).__name__}, not a list of detections",
                             RESULTS_FIX)
-    if not dets:
-        raise EvalFileError(path, "results file has no detections (an empty list)",
-                            "check that inference ran on this dataset and produced detections; COCO AP of no "
-                            "detections is 0 and pycocotools cannot load an empty list")
+    if not dets:  # evaluated as detectron2 does: AP nan for each task the annotations support
+        if tasks is None:
+            anns, imgs = gt.dataset["annotations"], gt.dataset["images"]
+            tasks = [t for t in TASKS if all(TASK_KEY[t] in a for a in anns)
+                     and (t == "bbox" or all("height" in i and "width" in i for i in imgs))]
+        return dets, list(tasks)
     for i, d in enumerate(dets):
         if not isinstance(d, dict):
             raise EvalFileError(path, f"detection #{i} is a JSON {type(d).__name__}, not an object", RESULTS_FIX)
@@ -280,11 +291,15 @@ def _task_detections(dets, task):
 
 
 def evaluate(gt, dets, tasks, verbose=False):
-    """COCOeval per task. Returns {task: {metric: percent or None}}."""
+    """COCOeval per task. Returns {task: {metric: percent or None}}; with no detections every
+    metric is nan (pycocotools cannot load an empty list; detectron2 reports nan)."""
     from pycocotools.cocoeval import COCOeval
 
     results = {}
     for task in tasks:
+        if not dets:
+            results[task] = {m: math.nan for m in METRICS}
+            continue
         sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with sink:
             dt = gt.loadRes(_task_detections(dets, task))
@@ -301,6 +316,8 @@ def evaluate(gt, dets, tasks, verbose=False):
 def _fmt(v, signed=False):
     if v is None:
         return "-"
+    if math.isnan(v):
+        return "nan"
     return f"{v:+.1f}" if signed else f"{v:.1f}"
 
 
@@ -369,6 +386,9 @@ def evaluate_files(results_path, annotations_path, tasks=None, config=None, outp
     dets, tasks = load_results(results_path, gt, tasks)
     check_annotations_for(annotations_path, gt, tasks)
     measured = evaluate(gt, dets, tasks, verbose=verbose)
+    warnings = [] if dets else [f"{results_path}: {NO_DETECTIONS}"]
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
     paper, note = (None, None)
     if config:
@@ -391,13 +411,17 @@ def evaluate_files(results_path, annotations_path, tasks=None, config=None, outp
         "num_images": len(gt.getImgIds()),
         "num_categories": len(gt.getCatIds()),
         "metrics": measured,
+        "warnings": warnings,
         "config": config,
         "paper": copy.deepcopy(paper),
         "summary_file": os.path.abspath(output),
     }
     try:
         with open(output, "w") as f:
-            json.dump(summary, f, indent=2)
+            # JSON has no nan: null there, explained in "warnings"
+            json.dump({**summary, "metrics": {t: {m: (None if v is not None and math.isnan(v) else v)
+                                                  for m, v in ms.items()} for t, ms in measured.items()}},
+                      f, indent=2)
             f.write("\n")
     except OSError as e:
         raise EvalFileError(output, f"the JSON summary cannot be written ({e.strerror or e})",

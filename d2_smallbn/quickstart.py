@@ -48,9 +48,13 @@ def build_cfg(args, data_root):
         cfg.SOLVER.STEPS = tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS if int(s * scale) < args.iters)
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, args.iters - 1)
         cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS = int(cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS * scale)  # like the LR steps
-    cfg.OUTPUT_DIR = os.path.abspath(args.output_dir or os.path.join("output", f"quickstart_{args.norm}"))
+    cfg.OUTPUT_DIR = output_dir(args)
     cfg.freeze()
     return cfg
+
+
+def output_dir(args):
+    return os.path.abspath(args.output_dir or os.path.join("output", f"quickstart_{args.norm}"))
 
 
 def coco_ap(results):
@@ -125,12 +129,14 @@ def draw_curves(metrics_json, path):
 
     entries = training_entries(metrics_json)
     it = [e["iteration"] for e in entries]
+    marker = "o" if len(entries) == 1 else None  # a line through a single point is invisible
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted(k for k in entries[0] if k.startswith("loss_") or k == "total_loss"):
-        ax_loss.plot(it, [e.get(key, np.nan) for e in entries], label=key, lw=2 if key == "total_loss" else 1)
+        ax_loss.plot(it, [e.get(key, np.nan) for e in entries], label=key, lw=2 if key == "total_loss" else 1,
+                     marker=marker)
     ax_loss.set(xlabel="iteration", ylabel="loss", title="training losses", yscale="log")
     ax_loss.legend(fontsize=7)
-    ax_lr.plot(it, [e.get("lr", np.nan) for e in entries])
+    ax_lr.plot(it, [e.get("lr", np.nan) for e in entries], marker=marker)
     ax_lr.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -144,10 +150,14 @@ def main(argv=None):
     from detectron2.utils.env import seed_all_rng
 
     from .data import default_root, generate_dataset, register_shapes
+    from .engine.defaults import setup_smallbn_logger
 
     args = parse_args(argv)
-    setup_logger(name="detectron2")
-    setup_logger(name="d2_smallbn")
+    out = output_dir(args)
+    os.makedirs(out, exist_ok=True)
+    for name in ("fvcore", "detectron2"):  # as detectron2's default_setup: stdout and OUTPUT_DIR/log.txt
+        setup_logger(out, name=name)
+    setup_smallbn_logger(out)
     start = time.time()
     root = args.data_root or default_root()
     generation = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val),
@@ -156,7 +166,6 @@ def main(argv=None):
     register_shapes(root)
     cfg = build_cfg(args, root)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # weights and data order, as detectron2's default_setup does
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     from .engine import SmallBNTrainer
 
     logger.info("Training %s for %d iterations -> %s", NORM_CONFIGS[args.norm], cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR)
@@ -174,6 +183,7 @@ def main(argv=None):
                                         os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.num_vis),
         "curves": draw_curves(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), os.path.join(cfg.OUTPUT_DIR, "curves.png")),
         "training log": os.path.join(cfg.OUTPUT_DIR, "metrics.json"),
+        "log": os.path.join(cfg.OUTPUT_DIR, "log.txt"),
         "checkpoint": os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
         "config": os.path.join(cfg.OUTPUT_DIR, "config.yaml"),
         "dataset": os.path.abspath(root),

@@ -9,7 +9,8 @@ RESULTS is a COCO results file (a JSON list of {image_id, category_id, score, bb
 annotation file of the evaluated images. Tasks default to what every detection has. Prints AP,
 AP50, AP75, APs, APm, APl (x100) per task, with --config also the paper's reported row and the
 difference, and writes a JSON summary (default: RESULTS with the extension .eval.json).
-A malformed or mismatched file gives a one-line error (file, problem, fix) and exit code 2.
+A malformed or mismatched file gives a one-line error (file, problem, fix) and exit code 2; an empty
+results list is evaluated as detectron2 does (every AP nan, with a warning).
 The logic is in d2_smallbn/evaluation.py.
 """
 import sys

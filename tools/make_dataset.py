@@ -5,7 +5,9 @@ Usage:  python tools/make_dataset.py [--root DIR] [--seed 0] [--num-train 400] [
 
 The default root is $D2_SMALLBN_DATASETS/smallbn_shapes (D2_SMALLBN_DATASETS defaults to
 ./datasets, relative to the current directory): the same place ``register_shapes()`` looks.
-A complete dataset generated with the same parameters is reused; --force regenerates it.
+A complete dataset generated with the same parameters is reused; a damaged file in it (an image that
+does not decode, an annotation file that does not parse) is named and regenerated; --force
+regenerates everything.
 Prints where the files are and, per split, images, instances and COCO size classes.
 """
 import argparse
@@ -54,6 +56,11 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     action = "reused the complete dataset" if dataset.reused else f"generated in {time.perf_counter() - start:.1f} s"
+    if dataset.repaired:
+        count = len(dataset.repaired)
+        action = f"regenerated {count} damaged file{'s' if count > 1 else ''} in {time.perf_counter() - start:.1f} s"
+        for path, problem in dataset.repaired:
+            print(f"damaged: {path} {problem}")
     print(f"smallbn_shapes (seed {args.seed}): {action} at {dataset.root}")
     for split, stats in dataset.statistics.items():
         print("  " + split_summary(split, stats))

@@ -1,11 +1,16 @@
 """Validate a COCO instances file and its images before registration or training.
 
 ``check_coco_dataset`` turns the usual failure modes (missing or truncated files, missing keys,
-dangling ids, missing images) into a ``DatasetError`` naming the file, the problem and the fix,
-instead of a traceback from deep inside a data loader. Needs only the standard library and PIL.
+dangling ids, missing images, images that do not decode) into a ``DatasetError`` naming the file,
+the problem and the fix, instead of a traceback from deep inside a data loader, possibly hours into
+training. Every image is decoded once: a file whose size and modification time are unchanged since
+it last decoded is not decoded again (``damaged_images``; the record is a small JSON file per image
+folder under ``cache_dir()``). Needs only the standard library and PIL.
 """
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -124,16 +129,83 @@ def _check_images(path, image_root, images, check_sizes, fix_hint):
                           f"{', '.join(missing[:MAX_EXAMPLES])})",
               "restore the images or remove them from the annotation file", fix_hint)
     if check_sizes:
-        for image in images:
-            _check_image_size(path, image_root / image["file_name"], image, fix_hint)
+        damaged = damaged_images(image_root, images)
+        if damaged:
+            file, problem, fix = damaged[0]
+            others = f" ({len(damaged)} of {len(images)} images damaged)" if len(damaged) > 1 else ""
+            _fail(file, f"image listed in {path} {problem}{others}", fix, fix_hint)
 
 
-def _check_image_size(path, file, image, fix_hint):
+# ------------------------------------------------------------------ decoding every image once
+
+CACHE_ENV = "D2_SMALLBN_CACHE"
+_CACHE_VERSION = 1
+
+
+def cache_dir():
+    """``$D2_SMALLBN_CACHE``, by default ``$XDG_CACHE_HOME/d2_smallbn`` (``~/.cache/d2_smallbn``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "d2_smallbn"
+
+
+def _record_path(image_root):
+    digest = hashlib.sha1(os.fsencode(os.path.abspath(image_root))).hexdigest()[:20]
+    return cache_dir() / "decoded_images" / f"{digest}.json"
+
+
+def damaged_images(image_root, images):
+    """``[(path, problem, fix)]`` for the entries of ``images`` (COCO ``images``, relative
+    ``file_name``) whose file under ``image_root`` cannot be decoded or whose decoded size differs
+    from the entry's width and height. Missing files are the caller's to report.
+
+    Each file is fully decoded (a JPEG cut after its header still opens and reports its size; only
+    decoding finds the damage) unless it decoded before with the same byte size and modification
+    time. The record of decoded files is best effort: without a writable cache folder every check
+    decodes again."""
+    image_root = Path(image_root)
+    record_file = _record_path(image_root)
     try:
-        with Image.open(file) as handle:
-            width, height = handle.size
-    except (UnidentifiedImageError, OSError) as err:
-        _fail(file, f"image listed in {path} cannot be read ({err})", "restore the image file", fix_hint)
-    if (width, height) != (image["width"], image["height"]):
-        _fail(file, f"is {width}x{height} but {path} says {image['width']}x{image['height']} (image id "
-                    f"{image['id']})", "fix the width/height in the annotation file", fix_hint)
+        record = json.loads(record_file.read_text())
+        known = record["files"] if record.get("version") == _CACHE_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        known = {}
+    seen, damaged = {}, []
+    for image in images:
+        file = image_root / image["file_name"]
+        try:
+            stat = file.stat()
+        except OSError:
+            continue  # missing: reported by the caller
+        key = os.fspath(image["file_name"])
+        entry = known.get(key)
+        if isinstance(entry, list) and len(entry) == 4 and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+            width, height = entry[2:]
+        else:
+            try:
+                with Image.open(file) as handle:
+                    handle.load()
+                    width, height = handle.size
+            except (UnidentifiedImageError, OSError, ValueError) as err:
+                damaged.append((os.fspath(file), f"cannot be decoded ({err}; a truncated or corrupted file?)",
+                                "restore the image file, or remove it from the annotation file"))
+                continue
+        seen[key] = [stat.st_size, stat.st_mtime_ns, width, height]
+        if (width, height) != (image["width"], image["height"]):
+            damaged.append((os.fspath(file), f"is {width}x{height} but the annotation file says "
+                                             f"{image['width']}x{image['height']} (image id {image['id']})",
+                            "fix the width/height in the annotation file"))
+    if seen != {k: known.get(k) for k in seen}:
+        _write_record(record_file, {"version": _CACHE_VERSION, "image_root": os.path.abspath(image_root),
+                                    "files": {**known, **seen}})
+    return damaged
+
+
+def _write_record(path, record):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            json.dump(record, handle)
+        os.replace(handle.name, path)
+    except OSError:
+        pass  # no cache: the next check decodes again

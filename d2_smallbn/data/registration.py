@@ -4,6 +4,7 @@
 plain COCO), then wraps the loader so that loading first runs ``check_coco_dataset``: a missing or
 broken dataset raises a ``DatasetError`` saying how to (re)generate it. Registration reads and
 writes no files; generating is explicit (``python tools/make_dataset.py`` or ``generate_dataset``).
+``import d2_smallbn`` calls ``register_shapes()`` with the default root.
 """
 import functools
 from pathlib import Path
@@ -40,10 +41,20 @@ def register_shapes(root=None):
     return tuple(SHAPES_DATASETS)
 
 
+def generate_commands(root):
+    """How to generate the dataset at ``root``: the checkout's tool, and the same from Python."""
+    return (f"`python tools/make_dataset.py --root {root}` from a checkout, or "
+            f"`python -c \"from d2_smallbn.data import generate_dataset; generate_dataset('{root}')\"`")
+
+
 def _load_checked(name, root, json_file, image_root):
     """detectron2's COCO loader, after checking the files."""
-    hint = (f"generate the dataset with `python tools/make_dataset.py --root {root}` "
-            "(add --force to rebuild a damaged one)")
+    if not Path(json_file).exists() and not Path(image_root).exists():
+        raise DatasetError(f"dataset '{name}' is not generated yet: {json_file} does not exist, nor does {image_root}. "
+                           f"Fix: generate it with {generate_commands(root)} (about 15 s), or register another "
+                           "root with d2_smallbn.data.register_shapes(root) / the D2_SMALLBN_DATASETS variable")
+    hint = (f"regenerate the damaged files with {generate_commands(root)}: a damaged image is rewritten, a damaged "
+            "annotation file rebuilds the dataset (add --force / force=True to rebuild it anyway)")
     try:
         check_coco_dataset(json_file, image_root, fix_hint=hint)
     except DatasetError as err:

@@ -23,7 +23,10 @@ defaults to ``./datasets`` (relative to the current working directory), like det
 
 Writing is atomic: a run generates into a temporary sibling directory and renames it into place,
 holding a lock file (``.<name>.lock`` next to ``root``). A complete dataset with the same
-parameters is reused untouched; otherwise (other parameters, ``force=True``, or an interrupted
+parameters is reused untouched once every file checks out (annotation files parse, every image
+decodes: each image is decoded once, then known by size and mtime); a damaged image is named in
+``GeneratedDataset.repaired`` and written again in place (byte-identical), a damaged annotation file
+makes it regenerate everything. Otherwise (other parameters, ``force=True``, or an interrupted
 run) it is regenerated, and leftovers of interrupted runs are removed. A directory holding files
 this generator does not write is never replaced.
 
@@ -39,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checks import DatasetError
+from .checks import DatasetError, damaged_images
 from .scene import CATEGORIES, LARGE_MIN_AREA, SMALL_MAX_AREA, SceneOptions, render_scene
 
 try:
@@ -63,6 +66,7 @@ class GeneratedDataset:
     root: Path
     reused: bool
     statistics: dict     # split -> {"images", "instances", "small", "medium", "large", ...}
+    repaired: tuple = ()  # ((path, problem), ...): damaged files of an existing dataset, regenerated
 
     def annotation_file(self, split):
         return annotation_file(self.root, split)
@@ -91,10 +95,16 @@ def generate_dataset(root=None, seed=0, num_train=400, num_val=100, min_side=160
     root = Path(root).expanduser().absolute() if root is not None else default_root()
     params = _parameters(seed, num_train, num_val, min_side, max_side, min_objects, max_objects, hue_spread)
     root.parent.mkdir(parents=True, exist_ok=True)
+    repaired = ()
     with _exclusive_lock(root):
         manifest = None if force else _complete_manifest(root, params)
         if manifest is not None:
-            return GeneratedDataset(root, True, manifest["statistics"])
+            damaged = _damaged_files(root, params)
+            if not damaged:
+                return GeneratedDataset(root, True, manifest["statistics"])
+            repaired = tuple(damaged)
+            if _rerender_images(root, params, [path for path, _ in damaged]):
+                return GeneratedDataset(root, False, manifest["statistics"], repaired)
         _check_replaceable(root)
         _remove_leftovers(root)
         temporary = root.parent / f".{root.name}.tmp-{os.getpid()}"
@@ -103,7 +113,7 @@ def generate_dataset(root=None, seed=0, num_train=400, num_val=100, min_side=160
             _move_into_place(temporary, root)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
-    return GeneratedDataset(root, False, statistics)
+    return GeneratedDataset(root, False, statistics, repaired)
 
 
 # ------------------------------------------------------------------ parameters and manifest
@@ -153,11 +163,62 @@ def _split_complete(root, split, num_images):
             and len(list(images.glob("*.jpg"))) == num_images)
 
 
+def _damaged_files(root, params):
+    """``[(path, problem)]`` for the files of a complete-looking dataset that cannot be used: an
+    annotation file that does not parse or lists other images, images that do not decode or have
+    another size (each image is decoded once, see ``checks.damaged_images``)."""
+    damaged = []
+    for split in SPLITS:
+        path = annotation_file(root, split)
+        try:
+            images = json.loads(path.read_text())["images"]
+            expected = [f"{i:06d}.jpg" for i in range(params[f"num_{split}"])]
+            if [image["file_name"] for image in images] != expected:
+                raise ValueError("lists other images than were generated")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            damaged.append((path, f"cannot be used ({err})"))
+            continue
+        damaged += [(Path(file), problem) for file, problem, _ in damaged_images(image_dir(root, split), images)]
+    return damaged
+
+
+def _rerender_images(root, params, paths):
+    """Writes the images at ``paths`` again (image i of a split depends only on the seed, the split
+    and i, so they come out byte-identical to the originals). False, changing nothing, when a path
+    is not one of the dataset's images."""
+    targets = []
+    for path in paths:
+        split = path.parent.name
+        if path.parent != image_dir(root, split) or split not in SPLITS or path.suffix != ".jpg" \
+                or not path.stem.isdigit() or int(path.stem) >= params[f"num_{split}"]:
+            return False
+        targets.append((path, split, int(path.stem)))
+    options = _scene_options(params)
+    for path, split, index in targets:
+        pixels, _ = _render(params["seed"], split, index, options)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        _save_jpeg(pixels, temporary)
+        os.replace(temporary, path)
+    return True
+
+
 # ------------------------------------------------------------------ writing
 
+def _scene_options(params):
+    return SceneOptions(params["min_side"], params["max_side"], params["min_objects"], params["max_objects"],
+                        params["hue_spread"])
+
+
+def _render(seed, split, index, options):
+    return render_scene(np.random.default_rng([seed, SPLIT_STREAMS[split], index]), options)
+
+
+def _save_jpeg(pixels, path):
+    Image.fromarray(pixels).save(path, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+
+
 def _write_dataset(directory, params):
-    options = SceneOptions(params["min_side"], params["max_side"], params["min_objects"], params["max_objects"],
-                           params["hue_spread"])
+    options = _scene_options(params)
     (directory / "annotations").mkdir(parents=True)
     counts = {"train": params["num_train"], "val": params["num_val"]}
     statistics = {split: _write_split(directory, split, params["seed"], counts[split], options)
@@ -170,10 +231,9 @@ def _write_split(directory, split, seed, count, options):
     image_dir(directory, split).mkdir()
     images, annotations = [], []
     for index in range(count):
-        pixels, instances = render_scene(np.random.default_rng([seed, SPLIT_STREAMS[split], index]), options)
+        pixels, instances = _render(seed, split, index, options)
         file_name = f"{index:06d}.jpg"
-        Image.fromarray(pixels).save(image_dir(directory, split) / file_name, format="JPEG",
-                                     quality=JPEG_QUALITY, subsampling=0)
+        _save_jpeg(pixels, image_dir(directory, split) / file_name)
         height, width = pixels.shape[:2]
         images.append({"id": index + 1, "file_name": file_name, "height": height, "width": width})
         for instance in instances:

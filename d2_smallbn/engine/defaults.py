@@ -8,9 +8,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
-from detectron2.utils.logger import log_first_n
+from detectron2.utils import comm
+from detectron2.utils.logger import log_first_n, setup_logger
 
 from ..config import add_smallbn_config, check_smallbn_config
+from .checkpoint import explain_unreadable_checkpoint
 from .trainer import SmallBNTrainer
 
 
@@ -36,11 +38,19 @@ def build_config(config_file, opts=()):
     return cfg
 
 
+def setup_smallbn_logger(output_dir=None):
+    """Sets up the ``d2_smallbn`` logger as detectron2's ``default_setup`` sets up its own: the same
+    format, stdout on the main process, and ``output_dir/log.txt`` (``log.txt.rankN`` on rank N).
+    Call it wherever detectron2's loggers are set up, so that our warnings and notes reach the log."""
+    return setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2_smallbn")
+
+
 def setup(args):
     args.config_file = resolve_config_file(args.config_file)  # detectron2's default_setup reads it
     cfg = build_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_smallbn_logger(cfg.OUTPUT_DIR)
     return cfg
 
 
@@ -52,7 +62,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = SmallBNTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        with explain_unreadable_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, args.resume):
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = SmallBNTrainer.test(cfg, model)
         verify_results(cfg, results)
         return results

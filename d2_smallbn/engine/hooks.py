@@ -72,7 +72,7 @@ class SmallBNHook(HookBase):
                 if isinstance(m, CrossIterationBatchNorm2d):
                     m.burnin_iters = iters
         self._rate_groups = []
-        if self.cfg.MODEL.SMALLBN.BCN.UPDATE_RATE == "lr":
+        if self.cfg.MODEL.SMALLBN.BCN.UPDATE_RATE_MODE == "lr":
             group_of = {id(p): g for g in self.trainer.optimizer.param_groups for p in g["params"]}
             for m in model.modules():
                 if isinstance(m, BatchChannelNorm2d) and not m.frozen:

@@ -8,8 +8,10 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
+from ..data.loading import build_test_loader, build_train_loader
 from ..layers import GroupNormPerGroupAffine
 from ..modeling.norms import PerLevelNorm, SMALLBN_NORM_TYPES
+from .checkpoint import explain_unreadable_checkpoint
 from .hooks import SmallBNHook
 
 
@@ -45,6 +47,18 @@ class SmallBNTrainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    def resume_or_load(self, resume=True):
+        with explain_unreadable_checkpoint(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume):
+            super().resume_or_load(resume=resume)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_train_loader(cfg)  # an unreadable image or a dataset without annotations is named
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -62,13 +62,29 @@ def empty_output(x, weight, bias, *other_params):
     return out
 
 
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class NormBase(nn.Module):
     """Adds freezing: a frozen norm behaves as in eval (no statistics, no state change) even in
-    training mode, and its affine parameters stop receiving gradients, the same as FrozenBN."""
+    training mode, and its affine parameters stop receiving gradients, the same as FrozenBN.
+
+    Statistics stay float32 when the model is cast to float16 or bfloat16 as a whole
+    (``model.to(torch.bfloat16)``, ``.half()``): the parameters take the new dtype, the float32
+    buffers only the new device. (A float64 cast makes them float64.)"""
 
     def __init__(self):
         super().__init__()
         self.frozen = False
+
+    def _apply(self, fn, *args, **kwargs):
+        fp32 = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.dtype == torch.float32}
+        super()._apply(fn, *args, **kwargs)
+        for name, old in fp32.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype in REDUCED_PRECISION:
+                self._buffers[name] = old.to(new.device)  # from the float32 original: nothing rounded
+        return self
 
     def freeze(self):
         self.frozen = True

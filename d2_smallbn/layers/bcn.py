@@ -32,11 +32,21 @@ def compute_dtype(x):
 
 def group_norm_per_group_affine(x, num_groups, group_weight, group_bias, eps):
     """Group normalization with one scale and shift per group (length G), statistics in fp32."""
-    per_channel = x.shape[1] // num_groups
-    with full_precision(x):
-        out = F.group_norm(x.to(compute_dtype(x)), num_groups, group_weight.repeat_interleave(per_channel),
-                           group_bias.repeat_interleave(per_channel), eps)
+    per_channel, dtype = x.shape[1] // num_groups, compute_dtype(x)
+    with full_precision(x):  # the affine in the compute dtype too: a bf16/fp16 model's parameters
+        out = F.group_norm(x.to(dtype), num_groups, group_weight.to(dtype).repeat_interleave(per_channel),
+                           group_bias.to(dtype).repeat_interleave(per_channel), eps)
     return out.to(x.dtype)
+
+
+def check_values_per_group(x, num_groups, layer):
+    """A group holding a single value (C/G = 1 channel of a 1x1 map) normalizes to 0 whatever the
+    input: the output is the group's bias and no gradient flows. Refused, from the shape alone."""
+    if x.numel() > 0 and x.numel() // (x.shape[0] * num_groups) == 1:
+        raise ValueError(
+            f"{layer}: one value per group (input shape {tuple(x.shape)}, num_groups={num_groups}): group "
+            "normalization of a single value is 0 whatever the input, and no gradient flows. Fix: use fewer "
+            "groups (at least 2 channels per group) or a larger feature map here")
 
 
 class GroupNormPerGroupAffine(nn.Module):
@@ -51,6 +61,7 @@ class GroupNormPerGroupAffine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_groups))
 
     def forward(self, x):
+        check_values_per_group(x, self.num_groups, type(self).__name__)
         return group_norm_per_group_affine(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -94,6 +105,7 @@ class BatchChannelNorm2d(NormBase):
             self._rate_is_zero = rate == 0.0
 
     def forward(self, x):
+        check_values_per_group(x, self.num_groups, f"BatchChannelNorm2d({self.num_features})")
         if self.uses_batch and x.numel() > 0:
             if self._rate_is_zero:
                 warnings.warn("BatchChannelNorm2d is training with update rate 0: its running estimates "
@@ -131,7 +143,7 @@ class BatchChannelNorm2d(NormBase):
         part = GroupNormPerGroupAffine(self.num_features, self.num_groups, self.eps)
         part.weight.data.copy_(self.group_weight.detach())
         part.bias.data.copy_(self.group_bias.detach())
-        return part.to(self.group_weight.device)
+        return part.to(self.group_weight)  # same device and dtype
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}"

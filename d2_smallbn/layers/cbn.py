@@ -154,6 +154,12 @@ class CrossIterationBatchNorm2d(StepCounter):
             return channel_affine(y, scale, shift)
         if y.numel() == 0:
             return empty_output(y, self.weight, self.bias)
+        if y.numel() == y.shape[1]:  # like torch's BatchNorm; shapes only, no host sync
+            raise ValueError(
+                f"CrossIterationBatchNorm2d({self.num_features}) got one value per channel in training (input shape "
+                f"{tuple(y.shape)}): the current batch's variance is 0, so the output would not depend on the input "
+                "and the running variance would collapse to 0. Fix: more than one image per process or a larger "
+                "feature map, or freeze the layer (eval)")
         step = self._begin_step()
         in_window = self.window_size > 1 and step >= self.burnin_iters
         if in_window and (conv is None or x is None or self._conv_shape is None):

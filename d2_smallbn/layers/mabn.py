@@ -83,9 +83,17 @@ class MovingAverageBatchNorm2d(StepCounter):
             return channel_affine(x, scale, shift)
         if x.numel() == 0:
             return empty_output(x, self.weight, self.bias)
-        t = self._begin_step() + 1
-        slot = (t - 1) % self.buffer_size
+        t = self._steps + 1
         batch = self.uses_batch_statistics(t)
+        if x.numel() == x.shape[1] and (batch or self.buffer_size == 1):
+            raise ValueError(
+                f"MovingAverageBatchNorm2d({self.num_features}) got one value per channel in training (input shape "
+                f"{tuple(x.shape)}) at iteration {t} of its batch statistics (warmup_iters={self.warmup_iters}, "
+                f"buffer_size={self.buffer_size}): x / sqrt(mean x^2) of a single value is its sign, and no gradient "
+                "flows. Fix: more than one image per process or a larger feature map during warmup, or freeze the "
+                "layer (eval)")
+        self._begin_step()
+        slot = (t - 1) % self.buffer_size
         with torch.no_grad():
             count = x.numel() // x.shape[1]
             dims = (0,) + tuple(range(2, x.dim()))
@@ -163,5 +171,14 @@ class CenteredConv2d(NormActConv2d):
     No division by the std; gradients flow through the centring. Arguments are
     ``torch.nn.Conv2d``'s plus ``norm`` and ``activation``."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.weight[0].numel() < 2:
+            raise ValueError(f"CenteredConv2d has one weight per filter (fan-in = in_channels / groups x kernel "
+                             f"= {self.weight[0].numel()}): centring leaves 0, so the conv would output only its "
+                             "bias. Fix: use a plain conv here (MODEL.SMALLBN.CONV plain, or no norm on this conv)")
+
     def effective_weight(self):
-        return self.weight - self.weight.mean(dim=tuple(range(1, self.weight.dim())), keepdim=True)
+        """W - mean(W) per filter, the mean in float32 (or float64), in the weight's dtype."""
+        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        return (w - w.mean(dim=tuple(range(1, w.dim())), keepdim=True)).to(self.weight.dtype)

@@ -16,7 +16,8 @@ WS_MODES = ("std", "var")
 
 
 def standardize_weight(weight, eps=1e-5, mode="std"):
-    flat = weight.flatten(1)
+    """The standardized weight, in ``weight``'s dtype; mean and std are computed in float32 (or float64)."""
+    flat = weight.flatten(1).to(torch.promote_types(weight.dtype, torch.float32))
     if mode == "std":
         std, mean = torch.std_mean(flat, dim=1, keepdim=True)
         flat = (flat - mean) / (std + eps)
@@ -25,7 +26,7 @@ def standardize_weight(weight, eps=1e-5, mode="std"):
         flat = (flat - mean) * torch.rsqrt(var + eps)
     else:
         raise ValueError(f"ws_mode must be one of {WS_MODES}, got {mode!r}")
-    return flat.view_as(weight)
+    return flat.view_as(weight).to(weight.dtype)
 
 
 class WSConv2d(NormActConv2d):
@@ -44,9 +45,11 @@ class WSConv2d(NormActConv2d):
         self.ws_eps = check_float("ws_eps", ws_eps, 0.0, float("inf"), low_open=True)
         self.ws_mode = ws_mode
         fan_in = self.weight[0].numel()
-        if ws_mode == "std" and fan_in < 2:
-            raise ValueError(f"WSConv2d with ws_mode='std' needs at least 2 weights per filter "
-                             f"(unbiased std), got fan-in {fan_in}; use ws_mode='var'")
+        if fan_in < 2:
+            raise ValueError(f"WSConv2d(ws_mode={ws_mode!r}) has one weight per filter (fan-in = in_channels / "
+                             f"groups x kernel = {fan_in}): its unbiased std is undefined and its standardized "
+                             "value is 0, so the conv would output only its bias. Fix: use a plain conv here "
+                             "(MODEL.SMALLBN.CONV plain, or no norm on this conv)")
 
     def effective_weight(self):
         return standardize_weight(self.weight, self.ws_eps, self.ws_mode)

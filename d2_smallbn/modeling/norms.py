@@ -9,6 +9,7 @@ of frozen stages.
 """
 import contextlib
 import logging
+import math
 
 import torch
 from torch import nn
@@ -55,11 +56,44 @@ def build_norm(name, channels, cfg=None):
                                         warmup_iters=m.WARMUP_ITERS, clip_lambda=m.CLIP_LAMBDA,
                                         clip_warmup_iters=m.CLIP_WARMUP_ITERS, eps=m.EPS)
     if name == "BCN":
+        if isinstance(channels, int) and channels >= 1 and channels % s.BCN.NUM_GROUPS:
+            problem = f"MODEL.SMALLBN.BCN.NUM_GROUPS = {s.BCN.NUM_GROUPS} does not divide the {channels} channels"
+            if _active_cfgs:  # inside build_model: the conversion pass names every such layer
+                return UnfitNorm(channels, problem)
+            raise ValueError(f"{problem} of this BCN layer. Fix: a NUM_GROUPS that divides the channels")
         norm = BatchChannelNorm2d(channels, num_groups=s.BCN.NUM_GROUPS, eps=s.BCN.EPS)
-        rate = cfg.SOLVER.BASE_LR if s.BCN.UPDATE_RATE == "lr" else s.BCN.UPDATE_RATE
+        rate = cfg.SOLVER.BASE_LR if s.BCN.UPDATE_RATE_MODE == "lr" else s.BCN.UPDATE_RATE
         norm.set_update_rate(float(rate))  # never silently GN: start at the base LR
         return norm
     raise KeyError(name)
+
+
+class UnfitNorm(nn.Module):
+    """Stands in for a norm whose settings do not fit its layer (BCN groups that do not divide the
+    channels), so that the conversion pass can name every such layer and the config key at once."""
+
+    def __init__(self, num_features, problem):
+        super().__init__()
+        self.num_features, self.problem = num_features, problem
+
+    def forward(self, *args):
+        raise ValueError(self.problem)
+
+
+def _refuse_unfit_norms(model, cfg, prefix):
+    unfit = [(prefix + name, m) for name, m in model.named_modules() if isinstance(m, UnfitNorm)]
+    if not unfit:
+        return
+    groups = cfg.MODEL.SMALLBN.BCN.NUM_GROUPS
+    channels = [m.num_features for _, m in unfit] + [m.num_features for m in model.modules()
+                                                      if isinstance(m, BatchChannelNorm2d)]
+    common = math.gcd(*channels)
+    divisors = [d for d in range(min(common, groups), 0, -1) if common % d == 0][:4]
+    listed = ", ".join(f"{name} ({m.num_features} channels)" for name, m in unfit[:6])
+    raise ValueError(
+        f"MODEL.SMALLBN.BCN.NUM_GROUPS = {groups} does not divide the channels of {len(unfit)} BCN layer(s): {listed}"
+        + (", ..." if len(unfit) > 6 else "") + ". Fix: set MODEL.SMALLBN.BCN.NUM_GROUPS to a divisor of every BCN "
+        f"layer's channels (here: {', '.join(map(str, divisors))}), or change those layers' channels")
 
 
 class PerLevelNorm(nn.Module):
@@ -152,6 +186,7 @@ def convert_model(model, cfg=None, prefix=""):
     """
     cfg = cfg or _settings()
     s = cfg.MODEL.SMALLBN
+    _refuse_unfit_norms(model, cfg, prefix)
     _split_retinanet_norms(model, cfg)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):

@@ -308,7 +308,7 @@ def test_paper_config_matches_its_row(name, configs):
         tag = {("GN", "plain"): "GN", ("GN", "ws"): "GN-WS", ("BCN", "auto"): "BCN-WS"}[row.backbone, row.conv]
         assert m.WEIGHTS == f"weights/R-{row.depth}-{tag}.pkl"
         assert not m.RESNETS.STRIDE_IN_1X1
-        assert (s.BCN.NUM_GROUPS, s.BCN.EPS, s.BCN.UPDATE_RATE) == (32, 1e-5, "lr")
+        assert (s.BCN.NUM_GROUPS, s.BCN.EPS, s.BCN.UPDATE_RATE_MODE, s.BCN.UPDATE_RATE) == (32, 1e-5, "lr", 0.0)
         assert (s.WS.MODE, s.WS.EPS) == ("std", 1e-5)
         assert cfg.INPUT.FORMAT == "RGB"
         assert list(m.PIXEL_MEAN) == [123.675, 116.28, 103.53] and list(m.PIXEL_STD) == [58.395, 57.12, 57.375]

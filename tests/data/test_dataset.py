@@ -360,3 +360,109 @@ def test_cli_reuses_and_reports_bad_arguments_without_traceback(tmp_path, capsys
     assert cli.main(arguments + ["--force"]) == 0 and "generated" in capsys.readouterr().out
     assert cli.main(arguments + ["--num-val", "0"]) == 2
     assert "num_val" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ damaged images (decoded once, cached)
+
+def truncate_after_header(path):
+    """Keeps the JPEG header (size readable) and drops most of the compressed data."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 3])
+    with Image.open(path) as img:  # the header still parses: only decoding finds the damage
+        assert img.size[0] > 0
+
+
+@pytest.fixture
+def decode_counter(monkeypatch, tmp_path):
+    """Counts full image decodes; the check's cache lives in a private folder."""
+    monkeypatch.setenv("D2_SMALLBN_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = Image.Image.load
+
+    def load(self):
+        calls.append(getattr(self, "filename", None))
+        return original(self)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    return calls
+
+
+def test_truncated_image_is_found_by_decoding_and_named(copied, decode_counter):
+    damaged = copied / "train" / "000003.jpg"
+    truncate_after_header(damaged)
+    with pytest.raises(DatasetError, match="cannot be decoded") as info:
+        check_coco_dataset(copied / "annotations" / "instances_train.json", copied / "train")
+    assert str(damaged) in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_images_are_decoded_once_and_rechecked_when_they_change(copied, decode_counter):
+    json_path, images = copied / "annotations" / "instances_train.json", copied / "train"
+    check_coco_dataset(json_path, images)
+    assert len(set(decode_counter)) == SMALL["num_train"]  # every image decoded (PIL's load may recurse)
+    decode_counter.clear()
+    check_coco_dataset(json_path, images)
+    assert decode_counter == []  # the second check reads sizes and times only
+    touched = images / "000001.jpg"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10 ** 9))
+    check_coco_dataset(json_path, images)
+    assert set(decode_counter) == {str(touched)}  # a file with a new mtime is decoded again
+    truncate_after_header(images / "000002.jpg")  # new size: found although it decoded before
+    with pytest.raises(DatasetError, match="000002.jpg"):
+        check_coco_dataset(json_path, images)
+
+
+def test_make_dataset_names_and_regenerates_a_damaged_image(tmp_path, decode_counter):
+    root = tmp_path / "shapes"
+    generate_dataset(root, seed=0, **SMALL)
+    original = file_hashes(root)
+    damaged = root / "val" / "000001.jpg"
+    truncate_after_header(damaged)
+    repaired = generate_dataset(root, seed=0, **SMALL)
+    assert not repaired.reused and [str(p) for p, _ in repaired.repaired] == [str(damaged)]
+    assert file_hashes(root) == original  # the same bytes as first generated
+    again = generate_dataset(root, seed=0, **SMALL)
+    assert again.reused and again.repaired == ()
+    annotations = root / "annotations" / "instances_train.json"
+    annotations.write_text(annotations.read_text()[:1000])  # truncated: everything is regenerated
+    rebuilt = generate_dataset(root, seed=0, **SMALL)
+    assert not rebuilt.reused and [str(p) for p, _ in rebuilt.repaired] == [str(annotations)]
+    assert file_hashes(root) == original
+
+
+def test_make_dataset_cli_reports_the_repair(tmp_path, capsys, decode_counter):
+    spec = importlib.util.spec_from_file_location("make_dataset_cli", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    arguments = ["--root", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1"]
+    assert cli.main(arguments) == 0
+    capsys.readouterr()
+    truncate_after_header(tmp_path / "cli" / "train" / "000000.jpg")
+    assert cli.main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "reused" not in out and "regenerated 1 damaged file" in out
+    assert str(tmp_path / "cli" / "train" / "000000.jpg") in out and "truncated" in out
+    check_coco_dataset(tmp_path / "cli" / "annotations" / "instances_train.json", tmp_path / "cli" / "train")
+
+
+def test_import_registers_the_names_touching_no_file_and_loading_says_how_to_generate(tmp_path):
+    code = ("import d2_smallbn\n"
+            "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+            "from d2_smallbn.data import DatasetError\n"
+            "assert {'smallbn_shapes_train', 'smallbn_shapes_val'} <= set(DatasetCatalog.list())\n"
+            "print(MetadataCatalog.get('smallbn_shapes_val').json_file)\n"
+            "try:\n"
+            "    DatasetCatalog.get('smallbn_shapes_train')\n"
+            "except DatasetError as err:\n"
+            "    print(err)\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "D2_SMALLBN_DATASETS": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    json_file, message = proc.stdout.strip().split("\n", 1)
+    root = tmp_path / "data" / "smallbn_shapes"
+    assert json_file == str(root / "annotations" / "instances_val.json")
+    assert message.startswith("dataset 'smallbn_shapes_train' is not generated yet")
+    assert f"python tools/make_dataset.py --root {root}" in message and "generate_dataset(" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and not any(work.iterdir())  # no file touched

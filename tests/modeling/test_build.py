@@ -113,6 +113,7 @@ def test_stock_names_work_and_unknown_names_list_the_valid_ones():
 @pytest.mark.parametrize("key,value,match", [
     ("CBN.WINDOW_SIZE", 0, "CBN.WINDOW_SIZE"), ("MABN.BUFFER_SIZE", 0, "MABN.BUFFER_SIZE"),
     ("MABN.CLIP_LAMBDA", -1.0, "MABN.CLIP_LAMBDA"), ("BCN.UPDATE_RATE", "fast", "BCN.UPDATE_RATE"),
+    ("BCN.UPDATE_RATE_MODE", "loss", "BCN.UPDATE_RATE_MODE"),
     ("WS.MODE", "l2", "WS.MODE"), ("CONV", "wx", "CONV"), ("CBN.RHO", -0.5, "CBN.RHO"),
 ])
 def test_invalid_config_values_fail_at_config_time(key, value, match):
@@ -182,3 +183,57 @@ def test_a_named_norm_whose_conv_was_never_converted_refuses_to_run():
     wrapper = torch.nn.Sequential(conv)
     convert_model(wrapper)
     assert type(wrapper[0]) is CenteredConv2d and wrapper[0](torch.randn(2, 8, 5, 5)).shape == (2, 16, 5, 5)
+
+
+def test_fixed_bcn_update_rate_loads_from_yaml_command_line_and_a_dumped_config(tmp_path):
+    from detectron2.config import get_cfg
+
+    from d2_smallbn import add_smallbn_config
+
+    def fresh():
+        return add_smallbn_config(get_cfg())
+
+    fixed = ["MODEL.SMALLBN.BCN.UPDATE_RATE_MODE", "fixed", "MODEL.SMALLBN.BCN.UPDATE_RATE", "0.1"]
+    from_cli = fresh()
+    from_cli.merge_from_list(fixed)  # the command line: values parsed from strings
+    yaml_file = tmp_path / "fixed.yaml"
+    yaml_file.write_text("MODEL:\n  SMALLBN:\n    BCN:\n      UPDATE_RATE_MODE: fixed\n      UPDATE_RATE: 0.1\n")
+    from_yaml = fresh()
+    from_yaml.merge_from_file(str(yaml_file))
+    cfg = tiny_cfg(backbone="BCN", fpn="BCN")  # set from Python, then dumped as training does
+    cfg.MODEL.SMALLBN.BCN.UPDATE_RATE_MODE, cfg.MODEL.SMALLBN.BCN.UPDATE_RATE = "fixed", 0.1
+    dumped = tmp_path / "config.yaml"
+    dumped.write_text(cfg.dump())
+    reloaded = fresh()
+    reloaded.merge_from_file(str(dumped))  # what --eval-only with OUTPUT_DIR/config.yaml does
+    for c in (from_cli, from_yaml, reloaded):
+        assert (c.MODEL.SMALLBN.BCN.UPDATE_RATE_MODE, c.MODEL.SMALLBN.BCN.UPDATE_RATE) == ("fixed", 0.1)
+        check_smallbn_config(c)
+    model = build_model(reloaded)
+    rates = [float(m.update_rate) for m in model.modules() if isinstance(m, BatchChannelNorm2d)]
+    assert len(rates) == 28 and rates == pytest.approx([0.1] * 28)  # 20 in the R18, 8 in the FPN
+
+    # a rate without the mode would be silently ignored: it is an error naming the missing key
+    cfg = tiny_cfg(backbone="BCN")
+    cfg.merge_from_list(["MODEL.SMALLBN.BCN.UPDATE_RATE", "0.1"])
+    with pytest.raises(ValueError, match="BCN.UPDATE_RATE.*UPDATE_RATE_MODE fixed"):
+        check_smallbn_config(cfg)
+    cfg.merge_from_list(["MODEL.SMALLBN.BCN.UPDATE_RATE_MODE", "fixed", "MODEL.SMALLBN.BCN.UPDATE_RATE", "0.0"])
+    with pytest.raises(ValueError, match=r"BCN.UPDATE_RATE = 0.0 .*\(0, 1\]"):
+        check_smallbn_config(cfg)
+
+
+def test_bcn_groups_that_do_not_divide_the_channels_name_the_key_and_every_layer():
+    cfg = tiny_cfg(backbone="BCN", fpn="BCN")  # R18: 64-512 channels; FPN: 32
+    cfg.MODEL.SMALLBN.BCN.NUM_GROUPS = 64
+    with pytest.raises(ValueError) as info:
+        build_model(cfg)
+    message = str(info.value)
+    assert message.startswith("MODEL.SMALLBN.BCN.NUM_GROUPS = 64 does not divide the channels of 8 BCN layer(s): "
+                              "backbone.fpn_lateral2.norm (32 channels)"), message
+    assert "Fix: set MODEL.SMALLBN.BCN.NUM_GROUPS to a divisor of every BCN layer's channels (here: 32, 16, 8, 4)" \
+        in message
+    with pytest.raises(ValueError, match="NUM_GROUPS = 32 does not divide the 48 channels"):
+        get_norm("BCN", 48)  # by name outside build_model (default settings): at once
+    cfg.MODEL.SMALLBN.BCN.NUM_GROUPS = 32
+    assert len([m for m in build_model(cfg).modules() if isinstance(m, BatchChannelNorm2d)]) == 28

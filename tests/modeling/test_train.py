@@ -148,3 +148,73 @@ def test_warns_when_images_per_process_differ_from_the_paper(tiny_dataset, tmp_p
         trainer.train()
     assert "reproduces a paper setting with 4 images per GPU" in caplog.text
     assert any(isinstance(m, MovingAverageBatchNorm2d) for m in trainer.model.modules())
+
+
+def test_fixed_bcn_update_rate_is_kept_through_warmup(tiny_dataset, tmp_path):
+    cfg = tiny_cfg(backbone="MABN", box="BCN", iters=2, output_dir=str(tmp_path))
+    cfg.MODEL.SMALLBN.BCN.UPDATE_RATE_MODE, cfg.MODEL.SMALLBN.BCN.UPDATE_RATE = "fixed", 0.05
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.STEPS = 1, ()
+    trainer, rec = make_trainer(cfg, tiny_dataset)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert len({lr for lr, _ in rec.rates}) == 2  # the learning rate moved ...
+    for _, rates in rec.rates:  # ... the update rate did not
+        assert rates and all(r == pytest.approx(0.05) for r in rates)
+
+
+def test_training_on_a_truncated_image_names_the_file(tmp_path):
+    from PIL import Image
+
+    from d2_smallbn.data import DatasetError
+
+    records = make_images(str(tmp_path), count=2)
+    damaged = tmp_path / "damaged.jpg"
+    Image.open(records[1]["file_name"]).convert("RGB").save(damaged, format="JPEG")
+    damaged.write_bytes(damaged.read_bytes()[:700])  # the header survives, the image data does not
+    records[1]["file_name"] = str(damaged)
+    register("smallbn_truncated", records)
+    cfg = tiny_cfg(backbone="MABN", dataset="smallbn_truncated", iters=2, output_dir=str(tmp_path / "out"))
+    trainer = SmallBNTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(DatasetError, match="truncated") as info:
+        trainer.train()  # both images are in the first batch
+    assert str(damaged) in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_a_training_set_without_annotations_is_explained(tmp_path):
+    from d2_smallbn.data import DatasetError
+
+    records = make_images(str(tmp_path), count=2)
+    for r in records:
+        r["annotations"] = []
+    register("smallbn_unannotated", records)
+    cfg = tiny_cfg(backbone="MABN", dataset="smallbn_unannotated", output_dir=str(tmp_path / "out"))
+    with pytest.raises(DatasetError) as info:
+        SmallBNTrainer(cfg)
+    message = str(info.value)
+    assert "'smallbn_unannotated': 2 images, 0 annotations" in message
+    assert "FILTER_EMPTY_ANNOTATIONS" in message and "Fix:" in message
+
+
+def test_resume_from_a_truncated_last_checkpoint_names_it_and_the_earlier_ones(tiny_dataset, tmp_path):
+    from d2_smallbn.engine.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(backbone="MABN", iters=2, output_dir=str(tmp_path))
+    trainer = SmallBNTrainer(cfg)
+    for iteration, name in ((0, "model_0000000"), (1, "model_0000001"), (1, "model_final")):  # as training saves
+        trainer.iter = iteration
+        trainer.checkpointer.save(name)
+    final = tmp_path / "model_final.pth"
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])  # killed while saving
+    with pytest.raises(CheckpointError) as info:
+        SmallBNTrainer(cfg).resume_or_load(resume=True)
+    message = str(info.value)
+    assert message.startswith(f"{final}: the last checkpoint") and "truncated" in message
+    assert "echo model_0000001.pth > " + str(tmp_path / "last_checkpoint") in message
+    assert "model_0000001.pth, model_0000000.pth" in message
+
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")  # the fix the message gives
+    resumed = SmallBNTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2

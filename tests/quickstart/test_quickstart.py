@@ -46,9 +46,13 @@ def test_main_command_writes_every_promised_file(tmp_path):
            "--output-dir", str(out)] + TINY
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("results.json", "predictions.png", "curves.png", "metrics.json", "model_final.pth", "config.yaml"):
+    for name in ("results.json", "predictions.png", "curves.png", "metrics.json", "model_final.pth", "config.yaml",
+                 "log.txt"):
         path = out / name
         assert path.is_file() and str(path) in proc.stdout, name  # the end prints where every file is
+    log = (out / "log.txt").read_text()  # detectron2's lines and ours, as on stdout
+    assert "d2_smallbn.quickstart INFO: Training quickstart/mask_rcnn_R18_FPN_cbn.yaml" in log
+    assert "d2.engine.train_loop INFO: Starting training from iteration 0" in log
     for name, min_size in (("predictions.png", (150, 90)), ("curves.png", (600, 300))):
         with Image.open(out / name) as img:
             assert img.size[0] >= min_size[0] and img.size[1] >= min_size[1], (name, img.size)
@@ -93,3 +97,28 @@ def test_training_entries_keep_the_latest_run_of_an_appended_metrics_file(tmp_pa
     path.write_text(json.dumps(evaluation) + "\n")
     with pytest.raises(ValueError, match="no training entries"):
         training_entries(path)
+
+
+@pytest.mark.parametrize("entries", [1, 3])
+def test_curves_draw_every_entry_even_a_single_one(tmp_path, entries):
+    """A 1-iteration run writes one metrics entry: a line through one point is invisible, so the
+    panels came out blank."""
+    from d2_smallbn.quickstart import draw_curves
+
+    path = tmp_path / "metrics.json"
+    rows = [{"iteration": 19 + 20 * i, "total_loss": 2.0 - 0.3 * i, "loss_cls": 0.7, "lr": 0.01 + 0.001 * i}
+            for i in range(entries)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    png = draw_curves(path, tmp_path / "curves.png")
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 80  # axes, ticks and text are grey; data is coloured
+    half = rgb.shape[1] // 2
+    assert coloured[:, half:].sum() > 20, "the learning-rate panel (no legend) shows no data"
+    # the loss panel has a legend with coloured samples whether or not the data shows, so its data
+    # is compared with the same figure drawn without losses (legend and all, data removed)
+    empty = tmp_path / "empty.json"
+    empty.write_text("\n".join(json.dumps({**r, "total_loss": float("nan"), "loss_cls": float("nan")})
+                               for r in rows) + "\n")
+    baseline = np.asarray(Image.open(draw_curves(empty, tmp_path / "baseline.png")).convert("RGB")).astype(int)
+    baseline_coloured = (baseline.max(axis=2) - baseline.min(axis=2)) > 80
+    assert coloured[:, :half].sum() > baseline_coloured[:, :half].sum() + 20, "the loss panel shows no data"

@@ -20,6 +20,7 @@ precision at a recall point is the best precision at any recall >= it, 0 past th
 import contextlib
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -244,7 +245,6 @@ def _bad_cases(d, gt_file):
     case("missing_file", None, "not found")
     case("wrong_top_level", {"annotations": good, "images": []}, "JSON object")
     case("number_top_level", 3, "JSON int")
-    case("empty", [], "no detections")
     case("missing_score", [{k: v for k, v in good[0].items() if k != "score"}] + good[1:], "has no 'score'")
     case("missing_image_id", good[:3] + [{k: v for k, v in good[3].items() if k != "image_id"}], "has no 'image_id'")
     case("no_box_no_mask", [{k: good[0][k] for k in ("image_id", "category_id", "score")}] + good[1:],
@@ -292,7 +292,7 @@ def test_bad_file_from_the_command_line(tmp_path, gt_file):
     assert proc.stderr.strip().startswith(f"error: {bad}: ") and ". Fix: " in proc.stderr
 
 
-BAD_CASES = ["truncated", "not_json", "binary", "missing_file", "wrong_top_level", "number_top_level", "empty",
+BAD_CASES = ["truncated", "not_json", "binary", "missing_file", "wrong_top_level", "number_top_level",
              "missing_score", "missing_image_id", "no_box_no_mask", "task_key_missing", "unknown_image",
              "list_image_id",
              "unknown_category", "bbox_length", "bbox_negative", "mask_size", "polygon_result", "gt_truncated",
@@ -320,3 +320,28 @@ def test_api_raises_eval_file_error(tmp_path, gt_file):
     with pytest.raises(EvalFileError) as info:
         evaluate_files(str(res), str(gt_file), echo=_quiet)
     assert info.value.path == str(res) and "2" in info.value.problem and "1..3" in info.value.problem
+
+
+def test_truncated_annotation_file_is_not_blamed_on_inference(bad_runs):
+    proc, path, _ = bad_runs["gt_truncated"]
+    fix = proc.stderr.split(". Fix: ", 1)[1]
+    assert "annotation file" in fix and "inference" not in fix, fix
+    results_fix = bad_runs["truncated"][0].stderr.split(". Fix: ", 1)[1]
+    assert "inference" in results_fix  # a truncated results file does come from inference
+
+
+def test_empty_results_give_nan_with_a_warning_as_detectron2_does(tmp_path, gt_file, capsys):
+    """detectron2's COCOEvaluator logs "No predictions from the model!" and reports every AP as nan."""
+    res = _write(tmp_path / "empty.json", [])
+    assert evaluation.main([str(res), str(gt_file)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"warning: {res}: no detections") and "nan" in captured.err
+    table = [line for line in captured.out.splitlines() if line.startswith("measured")]
+    assert len(table) == 1 and table[0].split("|")[1].split() == ["nan"] * 6 and table[0].count("nan") == 12
+    summary = json.loads((tmp_path / "empty.eval.json").read_text())
+    assert summary["num_detections"] == 0 and summary["tasks"] == ["bbox", "segm"]
+    assert summary["metrics"] == {t: {m: None for m in evaluation.METRICS} for t in ("bbox", "segm")}
+    assert len(summary["warnings"]) == 1 and "no detections" in summary["warnings"][0]
+    api = evaluate_files(str(res), str(gt_file), tasks=["bbox"], output=str(tmp_path / "api.json"), echo=_quiet)
+    assert list(api["metrics"]) == ["bbox"] and all(math.isnan(v) for v in api["metrics"]["bbox"].values())
+    capsys.readouterr()

@@ -12,6 +12,7 @@ BCN's group affine lands in group_weight/group_bias; unmapped keys are reported 
 """
 import functools
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -451,3 +452,27 @@ def test_trust_pickle_reads_checkpoints_with_objects(tmp_path):
         convert_file(src, str(tmp_path / "a.pkl"))
     report = convert_file(src, str(tmp_path / "a.pkl"), trust_pickle=True)
     assert report["unmapped"] == [] and report["num_output_keys"] == 120  # 20 convs, 20 BN x 5
+
+
+@pytest.mark.parametrize("alias", ["same", "relative", "symlink"])
+def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, capsys, monkeypatch, alias):
+    """`convert_weights.py r18.pkl r18.pkl` used to exit 0 and overwrite its input."""
+    src = tmp_path / "r18.pkl"
+    torch.save({"model": resnet18_state("bn")}, src)
+    before = src.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    output = {"same": str(src), "relative": "./r18.pkl", "symlink": str(tmp_path / "link.pkl")}[alias]
+    if alias == "symlink":
+        os.symlink(src, output)
+    code = convert_main([str(src), output])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert "is the input" in captured.err and ". Fix: " in captured.err and "Traceback" not in captured.err
+    assert src.read_bytes() == before
+    # the report may not overwrite the input either
+    report_clash = tmp_path / "w.report.json"
+    torch.save({"model": resnet18_state("bn")}, report_clash)
+    before = report_clash.read_bytes()
+    assert convert_main([str(report_clash), str(tmp_path / "w.pkl")]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert report_clash.read_bytes() == before and not (tmp_path / "w.pkl").exists()
