@@ -1,7 +1,11 @@
-"""d2_smallbn: Cross-Iteration BN, Moving Average BN and Batch-Channel Norm + WS for detectron2.
+"""d2_smallbn: Cross-Iteration BN, Moving Average BN, Batch-Channel Norm + WS and Batch
+Renormalization for detectron2.
 
-``d2_smallbn.layers`` is pure PyTorch. Importing ``d2_smallbn`` itself registers the norm names
-"CBN", "MABN", "BCN" and the backbones with detectron2 (idempotent).
+``d2_smallbn.layers`` and ``d2_smallbn.norms`` (the table of norms) are pure PyTorch. Importing
+``d2_smallbn`` with detectron2 installed teaches detectron2's ``get_norm`` the table's names and
+makes ``build_model`` convert the models it builds (idempotent; what exactly is changed is
+documented in ``d2_smallbn.modeling.patch``). ``convert_model(model, settings=None)`` is the one
+conversion call, for models built any other way (a LazyConfig's ``instantiate``).
 """
 __version__ = "0.1.0"
 
@@ -11,7 +15,8 @@ except ImportError:  # the layers work without detectron2
     pass
 else:
     from .config import add_smallbn_config, check_smallbn_config
+    from .modeling import convert_model
     from .modeling import install as _install
 
     _install()
-    __all__ = ["add_smallbn_config", "check_smallbn_config"]
+    __all__ = ["add_smallbn_config", "check_smallbn_config", "convert_model"]

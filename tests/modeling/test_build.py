@@ -13,7 +13,7 @@ from d2_smallbn.config import check_smallbn_config
 from d2_smallbn.engine import optimizer_param_groups
 from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
                                MovingAverageBatchNorm2d, WSConv2d)
-from d2_smallbn.modeling import PerLevelNorm
+from d2_smallbn.modeling import PendingNorm, PerLevelNorm, convert_model
 
 NORM = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d}
 CONV = {"CBN": CBNConv2d, "MABN": CenteredConv2d, "BCN": WSConv2d}
@@ -102,7 +102,10 @@ def test_frozen_stages_freeze_our_norms(norm):
 
 def test_stock_names_work_and_unknown_names_list_the_valid_ones():
     assert isinstance(get_norm("GN", 64), torch.nn.GroupNorm)
-    assert isinstance(get_norm("CBN", 64), CrossIterationBatchNorm2d)
+    pending = get_norm("CBN", 64)  # built with its settings by the conversion pass
+    assert isinstance(pending, PendingNorm) and (pending.name, pending.num_features) == ("CBN", 64)
+    converted = convert_model(torch.nn.Sequential(Conv2d(8, 64, 3, bias=False, norm=pending)), {"CBN": {"RHO": 0.5}})
+    assert isinstance(converted[0].norm, CrossIterationBatchNorm2d) and converted[0].norm.rho == 0.5
     with pytest.raises(ValueError, match=r"Unknown norm 'CNB'.*GN.*CBN, MABN, BCN"):
         get_norm("CNB", 64)
     cfg = tiny_cfg(backbone="MABM")
@@ -178,7 +181,6 @@ def test_a_named_norm_whose_conv_was_never_converted_refuses_to_run():
     conv = Conv2d(8, 16, 3, padding=1, bias=False, norm=get_norm("MABN", 16))
     with pytest.raises(RuntimeError, match="never converted"):
         conv(torch.randn(2, 8, 5, 5))
-    from d2_smallbn.modeling import convert_model
     wrapper = torch.nn.Sequential(conv)
     convert_model(wrapper)
     assert type(wrapper[0]) is CenteredConv2d and wrapper[0](torch.randn(2, 8, 5, 5)).shape == (2, 16, 5, 5)
