@@ -44,9 +44,9 @@ from d2_smallbn.layers import (
     CenteredConv2d,
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
+    NormStateDriver,
     WSConv2d,
 )
-from d2_smallbn.layers._common import StepCounter
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -115,11 +115,7 @@ def norms(model):
 
 def prepare_step(model, step):
     """What a trainer does before iteration ``step``: drive the step counters, set BCN's rate."""
-    for norm in norms(model):
-        if isinstance(norm, StepCounter):
-            norm.set_iteration(step)
-        if isinstance(norm, BatchChannelNorm2d):
-            norm.set_update_rate(BCN_RATE)
+    NormStateDriver(model, update_rate=BCN_RATE).before_step(step)
 
 
 def train_step(model, optimizer, x, y, step):

@@ -12,7 +12,7 @@ from conftest import tiny_cfg
 from d2_smallbn.config import check_smallbn_config
 from d2_smallbn.engine import optimizer_param_groups
 from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
-                               MovingAverageBatchNorm2d, WSConv2d)
+                               MovingAverageBatchNorm2d, NormStateDriver, WSConv2d)
 from d2_smallbn.modeling import PendingNorm, PerLevelNorm, convert_model
 
 NORM = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d}
@@ -153,9 +153,9 @@ def test_retinanet_shared_head_gets_one_norm_per_level_and_trains():
     assert all(type(c) is CenteredConv2d for c in model.head.cls_subnet if isinstance(c, torch.nn.Conv2d))
     model.train()
     norms = [n for p in per_level for n in p.norms]
+    driver = NormStateDriver(model, update_rate=None)
     for it in range(2):
-        for n in norms:
-            n.set_iteration(it)  # as the hook does: a second call per iteration would raise
+        driver.before_step(it)  # as the hook does: a second call per iteration would raise
         features = model.backbone(torch.rand(2, 3, 96, 128) * 255)
         model.head([features[f] for f in model.head_in_features])
     assert all(int(n.num_steps) == 2 for n in norms)
