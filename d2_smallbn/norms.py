@@ -22,6 +22,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 from .layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
                      MovingAverageBatchNorm2d, WSConv2d)
+from .layers.brn import BatchRenorm2d
 
 
 # ---- settings: defaults and checks ------------------------------------------------------------
@@ -161,6 +162,19 @@ NORMS = {spec.name: spec for spec in (
         lambda b, scope: dict(num_groups=b.NUM_GROUPS, eps=b.EPS),
         after_build=_bcn_start_rate,
         doc="micro-batch Batch-Channel Norm (BCN+WS paper) with WS convs"),
+    NormSpec(
+        "BRN", BatchRenorm2d, None, False,
+        {"MOMENTUM": Setting(0.98, number(0, 1, high_open=True), "EMA decay of the running statistics (the MABN "
+                             "paper's COCO runs: 0.98)"),
+         "R_MAX": Setting(3.0, number(1), "final r_max (Ioffe: 3)"),
+         "D_MAX": Setting(5.0, number(0), "final d_max (Ioffe: 5)"),
+         "WARMUP_ITERS": Setting(5000, integer(0), "plain BN (r_max 1, d_max 0) before this iteration"),
+         "R_MAX_ITERS": Setting(40000, integer(0), "r_max reaches R_MAX here, linearly from WARMUP_ITERS"),
+         "D_MAX_ITERS": Setting(25000, integer(0), "d_max reaches D_MAX here, linearly from WARMUP_ITERS"),
+         "EPS": EPS},
+        lambda b, scope: dict(momentum=b.MOMENTUM, r_max=b.R_MAX, d_max=b.D_MAX, warmup_iters=b.WARMUP_ITERS,
+                              r_max_iters=b.R_MAX_ITERS, d_max_iters=b.D_MAX_ITERS, eps=b.EPS),
+        doc="Batch Renormalization (Ioffe 2017), the MABN paper's baseline; plain convs"),
 )}
 
 NORM_TYPES = tuple(spec.layer for spec in NORMS.values())

@@ -35,6 +35,7 @@ from d2_smallbn.engine import SmallBNTrainer
 from d2_smallbn.engine.defaults import build_config
 from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
                                MovingAverageBatchNorm2d, WSConv2d)
+from d2_smallbn.layers.brn import BatchRenorm2d
 from d2_smallbn.model_zoo import CONFIG_ROOT, list_configs
 from d2_smallbn.modeling import PerLevelNorm, check_converted
 from d2_smallbn.paper_results import PAPER_RESULTS, paper_result
@@ -75,7 +76,7 @@ def _rows():
         for heads in ("GN", "SyncBN", "CBN"):
             rows.append(Row("CBN", "5", arch, depth, "FrozenBN", heads, "auto", "", "1x"))
     # MABN Table 3 (backbone only), 5 (everywhere), 6 (fine-tuned), 7 (RetinaNet), all 2x.
-    for norm in ("BN", "SyncBN", "MABN"):
+    for norm in ("BN", "BRN", "SyncBN", "MABN"):
         rows.append(Row("MABN", "3", "mask", 50, norm, "", "auto", "scratch", "2x"))
         rows.append(Row("MABN", "5", "mask", 50, norm, norm, "auto", "scratch", "2x"))
     for norm in ("SyncBN", "MABN"):
@@ -198,6 +199,9 @@ def test_every_paper_config_has_its_paper_result():
     assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_mabn_none_scratch_2x.yaml"]["segm"]["AP"] == 31.61
     assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.yaml"]["bbox"]["AP"] == 36.50
     assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_syncbn_syncbn_finetune_2x.yaml"]["bbox"]["AP"] == 38.25
+    assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_brn_none_scratch_2x.yaml"]["segm"]["AP"] == 29.16
+    assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_brn_brn_scratch_2x.yaml"]["bbox"] == \
+        {"AP": 34.07, "AP50": 52.66, "AP75": 37.12}
     assert PAPER_RESULTS["mabn/retinanet_R50_FPN_mabn_mabn_scratch_2x.yaml"]["bbox"] == \
         {"AP": 29.52, "AP50": 45.69, "AP75": 31.14}
     # BCN tables list AP / AP50 / AP75 / APl / APm / APs
@@ -300,6 +304,10 @@ def test_paper_config_matches_its_row(name, configs):
         assert s.MABN.BUFFER_SIZE == (32 if heads_normalized_mabn and row.table in ("5", "6") else 16)
         assert s.MABN.HEADS_WARMUP_ITERS == (10000 if heads_normalized_mabn else 100)
         assert (s.MABN.WARMUP_ITERS, s.MABN.FPN_WARMUP_ITERS) == (100, 100)
+        if "BRN" in (row.backbone, row.heads):  # Ioffe's limits and ramp; momentum 0.98 (Tables 3, 5 captions)
+            b = s.BRN
+            assert (b.MOMENTUM, b.R_MAX, b.D_MAX) == (0.98, 3.0, 5.0)
+            assert (b.WARMUP_ITERS, b.D_MAX_ITERS, b.R_MAX_ITERS) == (5000, 25000, 40000)
         if row.variant == "scratch":
             assert m.WEIGHTS == "" and s.INIT == "he"
         else:
@@ -349,7 +357,8 @@ def tiny(cfg):
 
 STOCK = {"BN": torch.nn.BatchNorm2d, "SyncBN": torch.nn.SyncBatchNorm, "GN": torch.nn.GroupNorm,
          "FrozenBN": FrozenBatchNorm2d}
-OURS = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d}
+OURS = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d,
+        "BRN": BatchRenorm2d}
 
 
 def conv_class(norm, conv):
@@ -471,6 +480,10 @@ def test_tiny_model_has_the_norms_convs_and_frozen_stages_of_the_config(name, co
             assert float(module.update_rate) == pytest.approx(cfg.SOLVER.BASE_LR)  # never silently GN
         if isinstance(module, WSConv2d):
             assert (module.ws_mode, module.ws_eps) == (s.WS.MODE, s.WS.EPS)
+        if isinstance(module, BatchRenorm2d):
+            assert (module.momentum, module.r_max, module.d_max) == (s.BRN.MOMENTUM, s.BRN.R_MAX, s.BRN.D_MAX)
+            assert (module.warmup_iters, module.r_max_iters, module.d_max_iters) == \
+                (s.BRN.WARMUP_ITERS, s.BRN.R_MAX_ITERS, s.BRN.D_MAX_ITERS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,7 +538,8 @@ def uses_our_norms(cfg):
 
 def trainable(cfg, dataset, output_dir):
     """The tiny config with short state schedules, so that 2 iterations reach every code path of
-    our norms: CBN's window after 1 burn-in iteration, MABN's moving averages and clipping after 1.
+    our norms: CBN's window after 1 burn-in iteration, MABN's moving averages and clipping after 1,
+    BRN's r and d after 1.
     Configs with stock norms only have no such state: 1 iteration."""
     iters = 2 if uses_our_norms(cfg) else 1
     cfg = tiny(cfg)
@@ -533,6 +547,7 @@ def trainable(cfg, dataset, output_dir):
     s.CBN.BURNIN_EPOCHS, s.CBN.BURNIN_ITERS = 0.0, 1
     s.MABN.BUFFER_SIZE = 2
     s.MABN.WARMUP_ITERS = s.MABN.FPN_WARMUP_ITERS = s.MABN.HEADS_WARMUP_ITERS = s.MABN.CLIP_WARMUP_ITERS = 1
+    s.BRN.WARMUP_ITERS, s.BRN.R_MAX_ITERS, s.BRN.D_MAX_ITERS = 1, 2, 2  # the 2nd iteration renormalizes
     s.PAPER_IMS_PER_GPU = 2
     cfg.INPUT.RANDOM_FLIP = "none"
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (dataset,), ()
@@ -548,7 +563,7 @@ def trainable(cfg, dataset, output_dir):
 def test_training_groups_cover_every_paper_config_once():
     covered = sorted(n for names in TRAINING_GROUPS.values() for n in names)
     assert covered == PAPER_CONFIGS
-    assert len(TRAINING_GROUPS) <= 20  # the CI budget: one training each
+    assert len(TRAINING_GROUPS) <= 22  # the CI budget: one training each (20, + 2 for the BRN rows)
 
 
 @pytest.mark.parametrize("name", sorted(TRAINING_GROUPS))
