@@ -83,6 +83,19 @@ def get(name, trained=False, device=None):
     return model
 
 
+def detectron2_config(name):
+    """One of detectron2's own LazyConfigs by name, e.g. "common/models/mask_rcnn_fpn.py", loaded from
+    the installed detectron2 package by path (no ``pkg_resources``); this project's ``.py`` configs
+    are written on top of them."""
+    import detectron2
+    from detectron2.config import LazyConfig
+
+    path = os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"detectron2's LazyConfig {name!r} is not in this detectron2 installation ({path})")
+    return LazyConfig.load(path)
+
+
 def _trained_checkpoint(name):
     name = _name(name)
     if name not in TRAINED_CHECKPOINTS:
