@@ -15,6 +15,7 @@ be, it builds, and its kind of model trains.
   generated images: 2 iterations where CBN/MABN/BCN state must move past burn-in and warmup, 1
   otherwise.
 """
+import copy
 import functools
 import math
 import os
@@ -584,3 +585,156 @@ def test_training_steps_of_each_norm_setting(name, configs, tiny_dataset, tmp_pa
     for key, value in model.state_dict().items():
         if value.is_floating_point():
             assert torch.isfinite(value).all(), key
+
+
+# ------------------------------------------------------------------------------------------------
+# Every build path: YAML configs through the patched build_model (yacs and OmegaConf) and through
+# detectron2's own build_model + convert_model; LazyConfigs (.py) through the lazy entry point, the
+# user's instantiate + convert_model (LazyConfig or a plain dict of settings) and the model zoo.
+# Each path gives the same model, every norm named by the config built with the config's settings.
+
+# layer attribute -> MODEL.SMALLBN.<norm> key, per norm (written here, independently of the table)
+LAYER_SETTINGS = {
+    "CBN": {"window_size": "WINDOW_SIZE", "burnin_iters": "BURNIN_ITERS", "rho": "RHO", "momentum": "MOMENTUM",
+            "eps": "EPS"},
+    "MABN": {"momentum": "MOMENTUM", "buffer_size": "BUFFER_SIZE", "clip_lambda": "CLIP_LAMBDA",
+             "clip_warmup_iters": "CLIP_WARMUP_ITERS", "eps": "EPS"},
+    "BCN": {"num_groups": "NUM_GROUPS", "eps": "EPS"},
+    "BRN": {"momentum": "MOMENTUM", "r_max": "R_MAX", "d_max": "D_MAX", "warmup_iters": "WARMUP_ITERS",
+            "r_max_iters": "R_MAX_ITERS", "d_max_iters": "D_MAX_ITERS", "eps": "EPS"},
+}
+MABN_WARMUP_KEY = {"backbone": "WARMUP_ITERS", "fpn": "FPN_WARMUP_ITERS", "heads": "HEADS_WARMUP_ITERS"}
+
+
+def scope_of(module_name):
+    if module_name.startswith("backbone.bottom_up."):
+        return "backbone"
+    return "fpn" if module_name.startswith("backbone.") else "heads"
+
+
+def check_settings(model, s, base_lr):
+    """Every norm of ours carries the settings ``s`` (MODEL.SMALLBN as a dict) and no norm is pending."""
+    check_converted(model)
+    seen = set()
+    for module_name, module in model.named_modules():
+        name = next((n for n, cls in OURS.items() if type(module) is cls), None)
+        if name is None:
+            continue
+        seen.add(name)
+        for attr, key in LAYER_SETTINGS[name].items():
+            assert getattr(module, attr) == s[name][key], (module_name, attr)
+        if name == "MABN":
+            assert module.warmup_iters == s["MABN"][MABN_WARMUP_KEY[scope_of(module_name)]], module_name
+        if name == "BCN":
+            rate = base_lr if s["BCN"]["UPDATE_RATE"] == "lr" else s["BCN"]["UPDATE_RATE"]
+            assert float(module.update_rate) == pytest.approx(rate), module_name
+    for conv in normed_convs(model):
+        if isinstance(conv, WSConv2d):
+            assert (conv.ws_mode, conv.ws_eps) == (s["WS"]["MODE"], s["WS"]["EPS"])
+    return seen
+
+
+def structure(model):
+    """(module name, class, trainable) of every module and the frozen flag of our norms."""
+    return [(n, type(m).__name__, getattr(m, "frozen", None), tuple(p.requires_grad for p in m.parameters(False)))
+            for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_yaml_config_builds_the_same_model_through_every_build_path(name, configs):
+    from omegaconf import OmegaConf
+
+    cfg = tiny(configs(name))
+    build = detectron2.modeling.build_model  # d2_smallbn's: detectron2's + convert_model
+    paths = {
+        "build_model(yacs)": lambda: build(cfg),
+        "build_model(OmegaConf)": lambda: build(OmegaConf.create(cfg.dump())),
+        "convert_model(detectron2 build_model)": lambda: d2_smallbn.convert_model(build._smallbn_original(cfg), cfg),
+    }
+    s = yaml_settings(cfg)
+    built = {}
+    for path, make in paths.items():
+        torch.manual_seed(0)
+        built[path] = make()
+        check_settings(built[path], s, cfg.SOLVER.BASE_LR)
+    reference = structure(built["build_model(yacs)"])
+    for path, model in built.items():
+        assert structure(model) == reference, path
+
+
+def yaml_settings(cfg):
+    import yaml
+
+    return yaml.safe_load(cfg.MODEL.SMALLBN.dump())
+
+
+PY_CONFIGS = list_configs(".py")
+# each LazyConfig and its YAML twin: the same setting
+PY_TWINS = {"lazy/mask_rcnn_R50_FPN_cbn.py": "mask_rcnn_R50_FPN_cbn.yaml",
+            "lazy/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.py": "mabn/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.yaml",
+            "lazy/mask_rcnn_R50_FPN_bcnws_bcnws_2x.py": "bcn/mask_rcnn_R50_FPN_bcnws_bcnws_2x.yaml"}
+
+
+def tiny_lazy(cfg):
+    """A LazyConfig's model at the size of ``tiny``: R18, 32-channel FPN and heads, 2 classes."""
+    from detectron2.layers import ShapeSpec
+
+    cfg = copy.deepcopy(cfg)
+    model = cfg.model
+    model.backbone.bottom_up.stages.depth = 18
+    del model.backbone.bottom_up.stages.stride_in_1x1  # basic blocks have none
+    model.backbone.out_channels = 32
+    model.proposal_generator.head.in_channels = 32
+    heads = model.roi_heads
+    heads.num_classes = 2
+    heads.box_head.input_shape = ShapeSpec(channels=32, height=7, width=7)
+    heads.box_head.conv_dims, heads.box_head.fc_dims = [32] * 4, [64]
+    heads.box_predictor.input_shape = ShapeSpec(channels=64)
+    heads.mask_head.input_shape = ShapeSpec(channels=32, width=14, height=14)
+    heads.mask_head.conv_dims = [32] * 5
+    cfg.train.device = "cpu"
+    return cfg
+
+
+def test_every_lazy_config_has_a_yaml_twin():
+    assert sorted(PY_TWINS) == PY_CONFIGS and len(PY_CONFIGS) >= 3
+    from d2_smallbn import model_zoo
+
+    for name in PY_CONFIGS:  # the model zoo serves them by name, like detectron2's
+        assert model_zoo.get_config(name).model.roi_heads.box_head.fc_dims == [1024]
+
+
+@pytest.mark.parametrize("name", PY_CONFIGS)
+def test_lazy_config_builds_its_yaml_twins_model_through_every_build_path(name, configs):
+    from detectron2.config import instantiate
+    from omegaconf import OmegaConf
+
+    from d2_smallbn import model_zoo
+    from d2_smallbn.engine.lazy import build_model
+
+    cfg = tiny_lazy(model_zoo.get_config(name))
+    values = OmegaConf.to_container(cfg.smallbn)
+    paths = {
+        "lazy entry point": lambda: build_model(cfg),
+        "instantiate + convert_model(model, cfg)": lambda: d2_smallbn.convert_model(instantiate(cfg.model), cfg),
+        "instantiate + convert_model(model, dict)": lambda: d2_smallbn.convert_model(
+            instantiate(cfg.model), values, base_lr=cfg.optimizer.lr),
+    }
+    twin = tiny(configs(PY_TWINS[name]))
+    s = yaml_settings(twin)  # the twin's complete settings: the LazyConfig's (with defaults) must equal them
+    assert cfg.optimizer.lr == twin.SOLVER.BASE_LR
+    torch.manual_seed(0)
+    reference = structure(detectron2.modeling.build_model(twin))
+    for path, make in paths.items():
+        model = make()
+        assert check_settings(model, s, twin.SOLVER.BASE_LR), path
+        assert structure(model) == reference, path
+
+
+def test_model_zoo_get_builds_a_lazy_and_a_yaml_config_converted(tmp_path):
+    from d2_smallbn import model_zoo
+
+    for name in ("lazy/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.py", "mabn/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.yaml"):
+        model = model_zoo.get(name, device="cpu")
+        check_converted(model)
+        assert sum(isinstance(m, MovingAverageBatchNorm2d) for m in model.modules()) == 53 + 8 + 8
