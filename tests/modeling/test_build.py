@@ -184,3 +184,45 @@ def test_a_named_norm_whose_conv_was_never_converted_refuses_to_run():
     wrapper = torch.nn.Sequential(conv)
     convert_model(wrapper)
     assert type(wrapper[0]) is CenteredConv2d and wrapper[0](torch.randn(2, 8, 5, 5)).shape == (2, 16, 5, 5)
+
+
+def test_build_model_converts_once_so_he_init_runs_once(monkeypatch):
+    from d2_smallbn.modeling import conversion
+
+    calls = []
+    he_init = conversion._he_init
+    monkeypatch.setattr(conversion, "_he_init", lambda module: (calls.append(module), he_init(module)))
+    cfg = tiny_cfg(backbone="MABN", fpn="MABN", box="MABN")
+    cfg.MODEL.SMALLBN.INIT = "he"
+    model = build_model(cfg)
+    assert len(calls) == 1 and calls[0] is model  # the whole model, once; the backbone builder converts nothing
+
+
+def test_importing_the_plugin_patches_only_get_norm_and_build_model():
+    import sys
+
+    import detectron2.engine.defaults
+    import detectron2.layers
+    import detectron2.modeling
+
+    from d2_smallbn.engine.ddp import _original as original_create_ddp_model
+
+    assert detectron2.engine.defaults.create_ddp_model is original_create_ddp_model
+    assert getattr(original_create_ddp_model, "_smallbn_original", None) is None
+    patched = {name for name, module in list(sys.modules.items()) if name.startswith("detectron2")
+               for value in list(getattr(module, "__dict__", {}).values()) if hasattr(value, "_smallbn_original")
+               for name in [value.__name__]}
+    assert patched == {"get_norm", "build_model"}
+    assert detectron2.layers.get_norm._smallbn_original is not None
+    assert detectron2.modeling.build_model._smallbn_original is not None
+
+
+def test_model_zoo_does_not_import_the_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from d2_smallbn import model_zoo\n"
+            "model_zoo.get_config('mask_rcnn_R50_FPN_cbn.yaml')\n"
+            "assert not any(m.startswith('d2_smallbn.engine') for m in sys.modules), sorted(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
