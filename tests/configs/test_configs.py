@@ -613,7 +613,8 @@ def scope_of(module_name):
 
 
 def check_settings(model, s, base_lr):
-    """Every norm of ours carries the settings ``s`` (MODEL.SMALLBN as a dict) and no norm is pending."""
+    """Every norm of ours carries the settings ``s`` (MODEL.SMALLBN as a dict) and sits after the conv
+    class it needs, and no norm is pending."""
     check_converted(model)
     seen = set()
     for module_name, module in model.named_modules():
@@ -629,6 +630,9 @@ def check_settings(model, s, base_lr):
             rate = base_lr if s["BCN"]["UPDATE_RATE"] == "lr" else s["BCN"]["UPDATE_RATE"]
             assert float(module.update_rate) == pytest.approx(rate), module_name
     for conv in normed_convs(model):
+        name = next((n for n, cls in OURS.items() if type(conv.norm) is cls), None)
+        if name is not None:  # (RetinaNet's per-level norms are checked by the tiny-model test)
+            assert type(conv) is conv_class(name, s["CONV"]), (type(conv).__name__, name)
         if isinstance(conv, WSConv2d):
             assert (conv.ws_mode, conv.ws_eps) == (s["WS"]["MODE"], s["WS"]["EPS"])
     return seen
