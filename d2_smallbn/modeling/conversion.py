@@ -152,7 +152,10 @@ def convert_model(model, settings=None, *, base_lr=None):
     s = resolve(settings, base_lr)
     scope_of = _scopes(model)
     _split_shared_head_norms(model, s, scope_of)
+    replaced = set()  # convs swapped for a new one: their old children are not visited again
     for parent_name, parent in list(model.named_modules()):
+        if id(parent) in replaced:
+            continue
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if isinstance(child, PendingNorm):  # a norm outside a conv (a user's own module)
@@ -164,6 +167,7 @@ def convert_model(model, settings=None, *, base_lr=None):
                 cls = conv_class_for(_name_of(norm), s.CONV)
                 if cls is not None and type(child) is not cls:
                     replace_module(parent, child_name, _rebuild_conv(child, cls, norm, child.activation, s))
+                    replaced.add(id(child))
                 elif norm is not child.norm:
                     child.norm = norm
     if s.INIT == "he":

@@ -231,3 +231,15 @@ def test_model_zoo_does_not_import_the_engine():
             "model_zoo.get_config('mask_rcnn_R50_FPN_cbn.yaml')\n"
             "assert not any(m.startswith('d2_smallbn.engine') for m in sys.modules), sorted(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("norm", ["CBN", "MABN", "BCN"])
+def test_each_named_norm_is_built_once(norm, monkeypatch):
+    from d2_smallbn.norms import NormSpec
+
+    built = []
+    build = NormSpec.build
+    monkeypatch.setattr(NormSpec, "build", lambda spec, *args: built.append(build(spec, *args)) or built[-1])
+    model = build_model(tiny_cfg(backbone=norm, fpn=norm, box=norm, mask=norm))
+    norms = [m for m in model.modules() if isinstance(m, NORM[norm])]
+    assert len(norms) == 36 and len(built) == 36 and {id(m) for m in norms} == {id(m) for m in built}
