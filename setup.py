@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Cross-Iteration BN, Moving Average BN and Batch-Channel Norm + WS for detectron2",
     packages=find_packages(include=["d2_smallbn", "d2_smallbn.*"]),
-    package_data={"d2_smallbn": ["configs/**/*.yaml"]},
+    package_data={"d2_smallbn": ["configs/**/*.yaml", "configs/**/*.py"]},
     python_requires=">=3.8",
     install_requires=["torch>=1.13"],
     extras_require={

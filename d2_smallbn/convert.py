@@ -15,9 +15,10 @@ WS or weight-centralized checkpoint stores the raw weights under the usual names
 recognized by its keys and written for the target norm:
 
     BN   weight, bias, running_mean, running_var[, num_batches_tracked]
-         -> bn/syncbn: the same; frozenbn/cbn: without num_batches_tracked; mabn: weight, bias and
-            running_sqmean = running_var + running_mean^2 (E[x^2]); bcn: the batch part (the group
-            affine then starts at 1/0)
+         -> bn/syncbn: the same; frozenbn: without num_batches_tracked; a norm of the table
+            (d2_smallbn.norms: cbn, mabn, bcn, ...): weight, bias and the statistics as its layer's
+            ``map_bn_state`` writes them (mabn: running_sqmean = running_var + running_mean^2, i.e.
+            E[x^2]; bcn: the batch part, the group affine then starts at 1/0)
     GN   weight, bias only (GN+WS checkpoints)                     -> gn
     BCN  bn.{weight, bias, running_mean, running_var} and the group affine gn.{weight, bias}
          (or weight/bias beside the inner bn, as in the authors' code) of length G, or per channel
@@ -46,20 +47,20 @@ import pickle
 import re
 from collections import Counter
 
+from .norms import NORMS
+
 AUTHOR = "d2_smallbn convert_weights"
-TARGETS = ("auto", "bn", "frozenbn", "syncbn", "cbn", "mabn", "bcn", "gn")
-BN_TARGETS = ("bn", "frozenbn", "syncbn", "cbn")  # norms that keep BN's running_mean/running_var
-# ... and have a num_batches_tracked buffer: torch's BatchNorm2d/SyncBatchNorm, and detectron2's
-# FrozenBatchNorm2d made from them by FREEZE_AT (convert_frozen_batchnorm copies the buffer); a
-# FrozenBatchNorm2d built directly (NORM "FrozenBN") has none.
+# Targets: detectron2's own norms, then every norm of the table (d2_smallbn.norms), whose layer says
+# how a BN checkpoint maps onto it (``map_bn_state``) and which of its state starts fresh.
+STOCK_TARGETS = ("bn", "frozenbn", "syncbn", "gn")
+TABLE_TARGETS = {spec.checkpoint_target: spec for spec in NORMS.values()}
+TARGETS = ("auto",) + STOCK_TARGETS + tuple(TABLE_TARGETS)
+# detectron2 norms with a num_batches_tracked buffer: torch's BatchNorm2d/SyncBatchNorm, and
+# detectron2's FrozenBatchNorm2d made from them by FREEZE_AT (convert_frozen_batchnorm copies the
+# buffer); a FrozenBatchNorm2d built directly (NORM "FrozenBN") has none.
 BN_COUNTER_TARGETS = ("bn", "syncbn")
+# The checkpoint layouts this module reads (classify_norm) -> the target they convert to by default.
 NATURAL_TARGET = {"BN": "bn", "GN": "gn", "BCN": "bcn", "MABN": "mabn"}
-# State a model of that norm has but a converted checkpoint does not carry: the layer starts it
-# fresh, and DetectionCheckpointer lists it as "missing" (glob patterns over model keys).
-EXPECTED_MISSING = {
-    "mabn": ["*.norm.num_steps", "*.norm.sqmean_buffer", "*.norm.psi_buffer"],
-    "bcn": ["*.norm.update_rate"],
-}
 
 _NORM_RE = re.compile(r"^(?P<mod>bn1|layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?:bn(?P<j>\d)|downsample\.1))"
                       r"\.(?P<rest>.+)$")
@@ -184,19 +185,19 @@ class _NormResult:
 
 
 def _batch_part(sub, target, res, prefix=""):
-    """BN statistics and per-channel affine (``prefix`` "bn." for BCN's inner BN) for a target norm."""
-    family = "bn" if target in BN_TARGETS else target
+    """BN statistics and per-channel affine (``prefix`` "bn." for BCN's inner BN) for a target norm:
+    copied for detectron2's BN-like norms, mapped by the layer's ``map_bn_state`` for the table's."""
     for leaf in ("weight", "bias"):
         if prefix + leaf in sub:
             res.out[leaf] = (sub[prefix + leaf], "copy", [prefix + leaf])
-    mean, var = sub.get(prefix + "running_mean"), sub.get(prefix + "running_var")
-    if family == "mabn":
-        sqmean = (var.double() + mean.double() ** 2).to(var.dtype)
-        res.out["running_sqmean"] = (sqmean, "running_var + running_mean^2",
-                                     [prefix + "running_var", prefix + "running_mean"])
-    else:
-        res.out["running_mean"] = (mean, "copy", [prefix + "running_mean"])
-        res.out["running_var"] = (var, "copy", [prefix + "running_var"])
+    stats = {"running_mean": sub.get(prefix + "running_mean"), "running_var": sub.get(prefix + "running_var")}
+    spec = TABLE_TARGETS.get(target)
+    how = spec.layer.map_bn_state(stats, "") if spec is not None else None
+    for leaf, tensor in stats.items():
+        if leaf in ("running_mean", "running_var"):
+            res.out[leaf] = (tensor, "copy", [prefix + leaf])
+        else:
+            res.out[leaf] = (tensor, how, [prefix + "running_var", prefix + "running_mean"])
     known = {prefix + k for k in ("weight", "bias", "running_mean", "running_var")}
     for leaf in sub:
         if leaf == prefix + "num_batches_tracked":
@@ -209,6 +210,20 @@ def _batch_part(sub, target, res, prefix=""):
                                           "not have"))
         elif leaf.startswith(prefix) and leaf not in known:
             res.unmapped.append((leaf, "not part of a BatchNorm (no counterpart in the target norm)"))
+
+
+_PARAMETERS = {}
+
+
+def _fresh_parameters(target, written):
+    """Parameters of the table's ``target`` norm that a conversion did not write (they start at the
+    layer's initial values)."""
+    spec = TABLE_TARGETS.get(target)
+    if spec is None:
+        return []
+    if target not in _PARAMETERS:
+        _PARAMETERS[target] = [n for n, _ in spec.layer(64).named_parameters()]
+    return [n for n in _PARAMETERS[target] if n not in written]
 
 
 def _group_affine(weight, bias, channels, num_groups, res, src_leaves):
@@ -258,7 +273,6 @@ def _group_affine(weight, bias, channels, num_groups, res, src_leaves):
 def convert_norm(sub, kind, target, num_groups):
     """One norm's keys (``sub``: leaf -> tensor) of layout ``kind`` for ``target``. Returns _NormResult."""
     res = _NormResult()
-    family = "bn" if target in BN_TARGETS else target
 
     def unmap_all(reason):
         res.unmapped.extend((leaf, reason) for leaf in sub)
@@ -267,22 +281,24 @@ def convert_norm(sub, kind, target, num_groups):
     if kind is None:
         return unmap_all(f"unrecognized norm layout (keys {', '.join(sorted(sub))})")
     if kind == "BN":
-        if family == "gn":
+        if target == "gn":
             return unmap_all("a BatchNorm cannot become a GroupNorm (no per-group statistics); use a GN-pretrained "
                              "checkpoint, or --target-norm bn/mabn/bcn")
         _batch_part(sub, target, res)
-        if family == "bcn":
-            res.notes.append("BN into BCN: group_weight/group_bias are not in the checkpoint and start at 1/0")
+        fresh = _fresh_parameters(target, res.out)
+        if fresh:
+            res.notes.append(f"BN into {target.upper()}: {'/'.join(fresh)} are not in the checkpoint and start at "
+                             "the layer's initial values")
         return res
     if kind == "GN":
-        if family != "gn":
+        if target != "gn":
             return unmap_all(f"a GroupNorm (affine only) has no batch statistics for a {target.upper()} target; "
                              "use --target-norm gn")
         for leaf in sub:
             res.out[leaf] = (sub[leaf], "copy", [leaf])
         return res
     if kind == "MABN":
-        if family != "mabn":
+        if target != NATURAL_TARGET["MABN"]:
             return unmap_all(f"an MABN norm (E[x^2] only, no mean) cannot become {target.upper()}")
         for leaf in sub:
             if leaf in ("weight", "bias", "running_sqmean"):
@@ -293,7 +309,7 @@ def convert_norm(sub, kind, target, num_groups):
                 res.unmapped.append((leaf, "not part of an MABN norm"))
         return res
     # BCN: inner BN ("bn.") plus the group affine ("gn.weight/bias", or "weight/bias" beside the inner BN)
-    if family == "gn":
+    if target == "gn":
         return unmap_all("a BCN norm cannot become a GroupNorm (its batch part has no counterpart)")
     if "bn.running_mean" not in sub or "bn.running_var" not in sub:
         return unmap_all("BCN norm without bn.running_mean/bn.running_var")
@@ -310,7 +326,7 @@ def convert_norm(sub, kind, target, num_groups):
         res.unmapped.append((leaf, "not part of a BCN norm's batch part or group affine"))
     if not affine:
         res.notes.append("BCN norm without a group affine: group_weight/group_bias start at 1/0")
-    elif family != "bcn":
+    elif target != NATURAL_TARGET["BCN"]:
         for leaf in affine:
             res.unmapped.append((leaf, f"the group part of BCN has no counterpart in a {target.upper()} norm"))
     else:
@@ -330,6 +346,7 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
     model, mapping, dropped, unmapped, notes = {}, [], [], [], []
     layouts, targets_used = Counter(), Counter()
     norms = {}  # torchvision norm module -> (d2 norm module, {leaf: tensor})
+    written = {}  # d2 norm module -> (target, leaves written)
     for key, value in state.items():
         if not torch.is_tensor(value):
             unmapped.append((key, f"not a tensor ({type(value).__name__})"))
@@ -361,6 +378,7 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
         target = NATURAL_TARGET.get(kind, "bn") if target_norm == "auto" else target_norm
         targets_used[target] += 1
         res = convert_norm(sub, kind, target, num_groups)
+        written[dst_mod] = (target, set(res.out))
         for leaf, (tensor, how, src_leaves) in res.out.items():
             vec = _vector(tensor) if tensor.dim() > 1 else None  # vectors stored as (1, C, 1, 1) or (1, G, 1)
             if vec is not None:
@@ -372,8 +390,11 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
         unmapped += [(f"{src_mod}.{leaf}", reason) for leaf, reason in res.unmapped]
         notes += [f"{src_mod}: {n}" for n in res.notes]
 
-    expected = {p for t in targets_used for p in EXPECTED_MISSING.get(t, [])
-                if t != "bcn" or any(k.endswith(".norm.group_weight") for k in model)}
+    expected = set()
+    for dst_mod, leaves in written.items():
+        spec = TABLE_TARGETS.get(leaves[0])
+        if spec is not None:
+            expected.update(f"*.norm.{k}" for k in spec.layer.missing_on_load(leaves[1]))
     if any(k.endswith(".norm.running_var") and k[: -len("running_var")] + "num_batches_tracked" not in model
            for k in model) and set(targets_used) & set(BN_COUNTER_TARGETS):
         expected.add("*.norm.num_batches_tracked")  # FrozenBatchNorm2d reports it when absent
@@ -395,8 +416,8 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
 
 _DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50, (3, 4, 23, 3, True): 101,
            (3, 8, 36, 3, True): 152}
-_NORM_NAMES = {"bn": "BN", "frozenbn": "FrozenBN", "syncbn": "SyncBN", "cbn": "CBN", "mabn": "MABN", "bcn": "BCN",
-               "gn": "GN"}
+_NORM_NAMES = {"bn": "BN", "frozenbn": "FrozenBN", "syncbn": "SyncBN", "gn": "GN",
+               **{target: spec.name for target, spec in TABLE_TARGETS.items()}}
 
 
 def report_groups(model, default):

@@ -1,7 +1,9 @@
-"""A model-zoo API over this project's configs, mirroring ``detectron2.model_zoo``.
+"""A model-zoo API over this project's configs, mirroring ``detectron2.model_zoo``: YAML configs
+(yacs, for ``tools/train_net.py``) and LazyConfigs (``.py``, for ``tools/lazy_train_net.py``).
 
 The configs are package data (``d2_smallbn/configs``; the repository's ``configs/`` points
-there), so names work after ``pip install .`` from any directory.
+there), so names work after ``pip install .`` from any directory. This module depends only on
+the configs (``d2_smallbn.config``), not on the engine.
 """
 import os
 
@@ -11,54 +13,94 @@ CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 TRAINED_CHECKPOINTS = {}
 
 
-def list_configs():
-    """Every config name (relative to configs/), base configs excluded."""
+def list_configs(kind=".yaml"):
+    """Every config name (relative to configs/) ending in ``kind`` (".yaml" or ".py"), base configs
+    and shared LazyConfig pieces (``lazy/common/``) excluded."""
     names = []
     for folder, _, files in os.walk(CONFIG_ROOT):
         for f in files:
-            if f.endswith(".yaml") and not f.startswith("Base-"):
-                names.append(os.path.relpath(os.path.join(folder, f), CONFIG_ROOT))
+            name = os.path.relpath(os.path.join(folder, f), CONFIG_ROOT).replace(os.sep, "/")
+            if f.endswith(kind) and not f.startswith(("Base-", "_")) and not name.startswith("lazy/common/"):
+                names.append(name)
     return sorted(names)
 
 
+def _name(name):
+    return name[len("configs/"):] if name.startswith("configs/") else name
+
+
 def get_config_file(name):
-    """Path of config ``name``, e.g. "mask_rcnn_R50_FPN_cbn.yaml" or "quickstart/mask_rcnn_R18_FPN_cbn.yaml"."""
-    name = name[len("configs/"):] if name.startswith("configs/") else name
+    """Path of config ``name``, e.g. "mask_rcnn_R50_FPN_cbn.yaml" or "lazy/mask_rcnn_R50_FPN_4conv1fc_cbn.py"."""
+    name = _name(name)
     path = os.path.join(CONFIG_ROOT, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name!r} is neither a file nor a d2_smallbn config. "
-                                f"Available: {', '.join(list_configs())}")
+        raise FileNotFoundError(f"{name!r} is neither a file nor a d2_smallbn config. Available: "
+                                f"{', '.join(list_configs('.yaml') + list_configs('.py'))}")
     return path
 
 
 def get_config(name, trained=False):
-    """The full detectron2 config (with MODEL.SMALLBN) of ``name``."""
-    from .engine.defaults import build_config
+    """The config of ``name``: for a ``.yaml``, the full yacs config (with MODEL.SMALLBN); for a
+    ``.py``, the LazyConfig (an OmegaConf DictConfig, as ``detectron2.config.LazyConfig.load``)."""
+    path = get_config_file(name)
+    if name.endswith(".py"):
+        from detectron2.config import LazyConfig
 
-    cfg = build_config(get_config_file(name))
+        cfg = LazyConfig.load(path)
+        if trained:
+            cfg.train.init_checkpoint = _trained_checkpoint(name)
+        return cfg
+    from .config import load_yaml_config
+
+    cfg = load_yaml_config(path)
     if trained:
         cfg.MODEL.WEIGHTS = _trained_checkpoint(name)
     return cfg
 
 
 def get(name, trained=False, device=None):
-    """A detector built from config ``name``; with ``trained``, its published weights."""
+    """A detector built from config ``name`` (converted once); with ``trained``, its published weights."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
 
     cfg = get_config(name, trained=trained)
-    if device is not None:
-        cfg.MODEL.DEVICE = device
-    model = build_model(cfg)
+    if name.endswith(".py"):
+        from detectron2.config import instantiate
+
+        from .modeling import convert_model
+
+        model = convert_model(instantiate(cfg.model), cfg)
+        model.to(device or cfg.train.get("device", "cpu"))
+        weights = cfg.train.init_checkpoint
+    else:
+        from detectron2.modeling import build_model  # d2_smallbn's patch: converts once
+
+        if device is not None:
+            cfg.MODEL.DEVICE = device
+        model = build_model(cfg)
+        weights = cfg.MODEL.WEIGHTS
     if trained:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        DetectionCheckpointer(model).load(weights)
     return model
 
 
+def detectron2_config(name):
+    """One of detectron2's own LazyConfigs by name, e.g. "common/models/mask_rcnn_fpn.py", loaded from
+    the installed detectron2 package by path (no ``pkg_resources``); this project's ``.py`` configs
+    are written on top of them."""
+    import detectron2
+    from detectron2.config import LazyConfig
+
+    path = os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"detectron2's LazyConfig {name!r} is not in this detectron2 installation ({path})")
+    return LazyConfig.load(path)
+
+
 def _trained_checkpoint(name):
-    name = name[len("configs/"):] if name.startswith("configs/") else name
+    name = _name(name)
     if name not in TRAINED_CHECKPOINTS:
         raise ValueError(f"No trained checkpoint is published for {name!r}. Train it with "
-                         f"`python tools/train_net.py --config-file {name}` and load the result with "
-                         "DetectionCheckpointer, or use trained=False for a randomly initialized model.")
+                         f"`python tools/train_net.py --config-file {name}` (or tools/lazy_train_net.py for a .py "
+                         "config) and load the result with DetectionCheckpointer, or use trained=False for a "
+                         "randomly initialized model.")
     return TRAINED_CHECKPOINTS[name]

@@ -86,11 +86,9 @@ from d2_smallbn.benchmark import (CpuShare, command_line, contention_line, devic
                                   fmt_summary, pyplot, ratio_summary, set_threads, summary, sync, target_verdict,
                                   write_json)
 from d2_smallbn.engine import build_optimizer  # noqa: E402
-from d2_smallbn.layers import BatchChannelNorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d  # noqa: E402
-from d2_smallbn.layers._common import StepCounter  # noqa: E402
+from d2_smallbn.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, NormStateDriver  # noqa: E402
 from d2_smallbn.model_zoo import get_config_file  # noqa: E402
-from d2_smallbn.modeling import fold_model  # noqa: E402
-from d2_smallbn.modeling.norms import check_converted  # noqa: E402
+from d2_smallbn.modeling import check_converted, fold_model  # noqa: E402
 
 MABN_WARMUP = 2  # MABN.WARMUP_ITERS / FPN_ / HEADS_ / CLIP_WARMUP_ITERS for the benchmark
 FOLD_RTOL = 1e-3
@@ -234,10 +232,8 @@ class Setting:
         use_fixed_proposals(self.model, proposals_by_sizes)
         self.model.train()
         self.optimizer = build_optimizer(self.cfg, self.model)
-        self.counters = [m for m in self.model.modules() if isinstance(m, StepCounter) and not m.frozen]
-        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        self.rate_groups = [(m, group_of[id(m.weight)]) for m in self.model.modules()
-                            if isinstance(m, BatchChannelNorm2d) and not m.frozen]
+        self.driver = NormStateDriver(self.model, self.optimizer)  # what SmallBNHook drives
+        self.counters = self.driver.counters
         self.storage = EventStorage(0)
         self.iteration = 0
         self.folded = None
@@ -262,10 +258,7 @@ class Setting:
                 raise AssertionError(f"{self.key}: MABN still in its batch-statistics / clip warmup after priming")
 
     def before_step(self):
-        for m in self.counters:
-            m.set_iteration(self.iteration)
-        for m, group in self.rate_groups:
-            m.set_update_rate(float(group["lr"]))
+        self.driver.before_step(self.iteration)
 
     def state_bytes(self):
         """Parameters, buffers and optimizer state of this model."""

@@ -52,15 +52,8 @@ if str(_REPO_ROOT) not in sys.path:
 
 from d2_smallbn.benchmark import (  # noqa: E402
     available_cores, device_info, fmt_summary, loadavg, ratio_summary, summary, sync)
-from d2_smallbn.layers import (  # noqa: E402
-    BatchChannelNorm2d,
-    CBNConv2d,
-    CenteredConv2d,
-    CrossIterationBatchNorm2d,
-    MovingAverageBatchNorm2d,
-    WSConv2d,
-    fold_conv_norm,
-)
+from d2_smallbn.layers import WSConv2d, fold_conv_norm  # noqa: E402
+from d2_smallbn.norms import NORMS, conv_kwargs, resolve  # noqa: E402
 
 TRAIN_SETTINGS = ("bn", "frozen_bn", "gn", "gn_ws", "bn_wgrad", "cbn", "mabn", "bcn_ws")
 EVAL_SETTINGS = ("frozen_bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws", "cbn_folded", "mabn_folded", "bcn_ws_folded")
@@ -88,6 +81,7 @@ TARGETS = (
 CBN_WINDOW = 4
 TABLE_HEADER = "| setting | train step ratio vs BN | peak mem ratio vs BN | eval ratio vs FrozenBN | target | met? |"
 MABN_BUFFER = 16
+BCN_RATE = 0.01
 
 
 class _ConvWithExtraWeightGrad(nn.Conv2d):
@@ -131,14 +125,14 @@ def build_train_module(key, channels, groups, seed=0):
         module = nn.Sequential(nn.Conv2d(c, c, **conv_kw), nn.GroupNorm(groups, c))
     elif key == "gn_ws":
         module = WSConv2d(c, c, norm=nn.GroupNorm(groups, c), **conv_kw)
-    elif key == "cbn":
-        module = CBNConv2d(c, c, norm=CrossIterationBatchNorm2d(c, window_size=CBN_WINDOW, burnin_iters=0), **conv_kw)
-    elif key == "mabn":
-        module = CenteredConv2d(c, c, norm=MovingAverageBatchNorm2d(
-            c, warmup_iters=0, buffer_size=MABN_BUFFER, clip_warmup_iters=0), **conv_kw)
-    elif key == "bcn_ws":
-        module = WSConv2d(c, c, norm=BatchChannelNorm2d(c, num_groups=groups), **conv_kw)
-        module.norm.set_update_rate(0.01)
+    elif key in ("cbn", "mabn", "bcn_ws"):  # built as the table of norms builds them
+        name, values = {
+            "cbn": ("CBN", {"CBN": {"WINDOW_SIZE": CBN_WINDOW, "BURNIN_ITERS": 0}}),
+            "mabn": ("MABN", {"MABN": {"WARMUP_ITERS": 0, "BUFFER_SIZE": MABN_BUFFER, "CLIP_WARMUP_ITERS": 0}}),
+            "bcn_ws": ("BCN", {"BCN": {"NUM_GROUPS": groups, "UPDATE_RATE_MODE": "fixed", "UPDATE_RATE": BCN_RATE}}),
+        }[key]
+        spec, settings = NORMS[name], resolve(values)
+        module = spec.conv(c, c, norm=spec.build(c, settings), **conv_kw, **conv_kwargs(spec.conv, settings))
     else:
         raise KeyError(key)
     conv, norm = (module[0], module[1]) if isinstance(module, nn.Sequential) else (module, module.norm)
@@ -508,7 +502,7 @@ def main(argv=None):
         "python_version": platform.python_version(),
         "config": {"shapes": [list(s) for s in args.shapes], "batch": args.batch, "channels": args.channels,
                    "groups": args.groups, "iters": args.iters, "warmup": args.warmup,
-                   "cbn_window_size": CBN_WINDOW, "mabn_buffer_size": MABN_BUFFER, "bcn_update_rate": 0.01},
+                   "cbn_window_size": CBN_WINDOW, "mabn_buffer_size": MABN_BUFFER, "bcn_update_rate": BCN_RATE},
         "settings": {k: LABELS[k] for k in LABELS},
         "train_settings": list(TRAIN_SETTINGS),
         "eval_settings": list(EVAL_SETTINGS),

@@ -105,10 +105,13 @@ def effective_config(cfg):
     not use: what a finished run's config.yaml must equal for the run to be reused."""
     import yaml
 
+    from d2_smallbn.config import norm_names
+    from d2_smallbn.norms import NORMS
+
     cfg = cfg.clone()
     cfg.defrost()
-    used = {cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM}
-    for norm in ("CBN", "MABN", "BCN"):
+    used = norm_names(cfg)
+    for norm in NORMS:
         if norm not in used:
             cfg.MODEL.SMALLBN.pop(norm)
     cfg.OUTPUT_DIR = ""

@@ -59,7 +59,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 from d2_smallbn.benchmark import (SHAPE_CLASSES, command_line, device_info, environment,  # noqa: E402
                                   finite_or_raise, int_list, pyplot, set_threads, shapes_batch, write_json)
-from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d  # noqa: E402
+from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d, NormStateDriver  # noqa: E402
 
 ESTIMATORS = ("compensated", "naive", "exact_window")
 
@@ -181,14 +181,13 @@ def train_one(norm, args, device):
     probe.train()
     captured = {}
     net.probe_conv.register_forward_pre_hook(lambda m, inp: captured.__setitem__("x", inp[0].detach()))
-    cbn_layers = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    driver = NormStateDriver(net)  # the trained net's CBN layers (the probe is driven by hand below)
     past = deque(maxlen=max(kmax - 1, 1))  # previous batches' images, newest first
     records, losses = [], []
     for t in range(args.steps):
         images, labels = shapes_batch(args.batch, args.size, g, colour_cue=args.colour_cue)
         images, labels = images.to(device), labels.to(device)
-        for m in cbn_layers:
-            m.set_iteration(t)
+        driver.before_step(t)
         net.train()
         loss = F.cross_entropy(net(images), labels)
         opt.zero_grad(set_to_none=True)

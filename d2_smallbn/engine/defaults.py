@@ -1,41 +1,27 @@
 """What ``tools/train_net.py`` runs, kept in the package so that every tool shares it:
 config setup (config files by path or by model-zoo name), training, and ``--eval-only``."""
-import logging
 import os
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
-from detectron2.utils.logger import log_first_n, setup_logger
+from detectron2.utils.logger import setup_logger
 
-from ..config import add_smallbn_config, check_smallbn_config
+from ..config import load_yaml_config
+from ..model_zoo import get_config_file
 from .checkpoint import explain_unreadable_checkpoint
 from .trainer import SmallBNTrainer
 
 
 def resolve_config_file(path):
     """A config path, or a name relative to ``configs/`` (works from any working directory)."""
-    if os.path.isfile(path):
-        return path
-    from ..model_zoo import get_config_file
-
-    return get_config_file(path)
+    return path if os.path.isfile(path) else get_config_file(path)
 
 
 def build_config(config_file, opts=()):
-    cfg = get_cfg()
-    add_smallbn_config(cfg)
-    cfg.merge_from_file(resolve_config_file(config_file))
-    cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # once per process: tools build many configs (study runs, benchmark settings)
-        log_first_n(logging.WARNING, "No CUDA device: running on CPU (MODEL.DEVICE cpu)", name=__name__, key="message")
-        cfg.MODEL.DEVICE = "cpu"
-    check_smallbn_config(cfg)
-    return cfg
+    """The validated yacs config of a YAML file (path or model-zoo name) and command-line ``opts``."""
+    return load_yaml_config(resolve_config_file(config_file), opts)
 
 
 def setup_smallbn_logger(output_dir=None):

@@ -1,14 +1,13 @@
-"""A hook any detectron2 trainer can add: it drives the layers' per-iteration state.
+"""A hook any detectron2 trainer can add (``SimpleTrainer``, ``DefaultTrainer``, the LazyConfig
+loop): a thin wrapper of ``d2_smallbn.layers.NormStateDriver``.
 
-- CBN and MABN: ``set_iteration(trainer.iter)`` before every step, so burn-in, windows, warmups
-  and clipping follow the trainer's iteration (resume included) and a norm called twice in one
-  iteration is caught;
-- BCN: the update rate is set to the current learning rate of the layer's own parameters
-  (warmup and decay included) from the optimizer's param group: a Python float, no host sync;
-- MABN under AMP: the layers get the trainer's GradScaler, so that their moving average of the
-  backward statistic is kept free of the loss scale;
-- CBN burn-in given in epochs is converted to iterations with the dataset size;
-- a loud warning when the images per process differ from the paper's per-GPU batch.
+- before training: checks the model was converted, converts a CBN burn-in given in epochs into
+  iterations (with the dataset size), warns when the images per process differ from the
+  paper's per-GPU batch, and builds the driver from the trainer's model and optimizer;
+- before every step: ``driver.before_step(trainer.iter)`` (iterations of CBN/MABN/BRN, BCN's
+  update rate = its param group's current learning rate);
+- a GradScaler (detectron2's AMPTrainer) is handed to the layers that keep gradient statistics
+  (MABN), so that their moving average of the backward statistic stays free of the loss scale.
 """
 import logging
 import math
@@ -16,9 +15,9 @@ import math
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..layers import BatchChannelNorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
-from ..layers._common import StepCounter
-from ..modeling.norms import check_converted
+from ..layers import CrossIterationBatchNorm2d, NormStateDriver
+from ..modeling.conversion import check_converted
+from ..norms import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -27,63 +26,60 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def burnin_iters_from_epochs(cfg, dataset_size):
-    return int(math.ceil(cfg.MODEL.SMALLBN.CBN.BURNIN_EPOCHS * dataset_size / cfg.SOLVER.IMS_PER_BATCH))
+def burnin_iters_from_epochs(epochs, dataset_size, ims_per_batch):
+    return int(math.ceil(epochs * dataset_size / ims_per_batch))
 
 
-def check_batch_per_gpu(cfg, world_size):
+def check_batch_per_gpu(paper_ims_per_gpu, ims_per_batch, world_size):
     """Warns when a process gets a different number of images than the paper's GPUs did."""
-    paper = cfg.MODEL.SMALLBN.PAPER_IMS_PER_GPU
-    actual = cfg.SOLVER.IMS_PER_BATCH / world_size
-    if paper and actual != paper:
+    actual = ims_per_batch / world_size
+    if paper_ims_per_gpu and actual != paper_ims_per_gpu:
         logger.warning(
-            "!!! Images per process = SOLVER.IMS_PER_BATCH / world size = %d / %d = %g, but this config "
+            "!!! Images per process = images per iteration / world size = %d / %d = %g, but this config "
             "reproduces a paper setting with %d images per GPU. Per-GPU batch is what these norms are about: "
-            "the result is not the paper's experiment. Fix: run on IMS_PER_BATCH / %d processes, or set "
+            "the result is not the paper's experiment. Fix: run on %d / %d processes, or set "
             "MODEL.SMALLBN.PAPER_IMS_PER_GPU 0 to silence this for your own setting.",
-            cfg.SOLVER.IMS_PER_BATCH, world_size, actual, paper, paper)
+            ims_per_batch, world_size, actual, paper_ims_per_gpu, ims_per_batch, paper_ims_per_gpu)
         return False
     return True
 
 
 class SmallBNHook(HookBase):
-    def __init__(self, cfg, dataset_size=None):
-        self.cfg = cfg
+    """``SmallBNHook(settings, ims_per_batch=None, dataset_size=None)``.
+
+    ``settings``: any config ``d2_smallbn.convert_model`` accepts (a yacs config also gives
+    ``SOLVER.IMS_PER_BATCH``). ``ims_per_batch``: images per iteration over all processes, for the
+    per-GPU batch check and CBN's burn-in in epochs. ``dataset_size``: needed only for
+    ``CBN.BURNIN_EPOCHS``.
+    """
+
+    def __init__(self, settings=None, ims_per_batch=None, dataset_size=None):
+        self.s = resolve(settings)
+        if ims_per_batch is None and settings is not None and "SOLVER" in settings:
+            ims_per_batch = settings["SOLVER"]["IMS_PER_BATCH"]
+        self.ims_per_batch = ims_per_batch
         self.dataset_size = dataset_size
 
     def before_train(self):
         model = unwrap(self.trainer.model)
         check_converted(model)
-        check_batch_per_gpu(self.cfg, comm.get_world_size())
-        self._counters = [m for m in model.modules() if isinstance(m, StepCounter) and not m.frozen]
-        scaler = getattr(getattr(self.trainer, "_trainer", self.trainer), "grad_scaler", None)  # AMPTrainer's
-        for m in self._counters:
-            if isinstance(m, MovingAverageBatchNorm2d):
-                m.set_loss_scaler(scaler)
-        if self.cfg.MODEL.SMALLBN.CBN.BURNIN_EPOCHS > 0:
-            if self.dataset_size is None:
-                raise ValueError("MODEL.SMALLBN.CBN.BURNIN_EPOCHS needs the dataset size: pass dataset_size to "
-                                 "SmallBNHook (SmallBNTrainer does), or give BURNIN_ITERS instead")
-            iters = burnin_iters_from_epochs(self.cfg, self.dataset_size)
+        if self.ims_per_batch is not None:
+            check_batch_per_gpu(self.s.PAPER_IMS_PER_GPU, self.ims_per_batch, comm.get_world_size())
+        epochs = self.s.CBN.BURNIN_EPOCHS
+        if epochs > 0:
+            if self.dataset_size is None or self.ims_per_batch is None:
+                raise ValueError("MODEL.SMALLBN.CBN.BURNIN_EPOCHS needs the dataset size and the images per "
+                                 "iteration: pass dataset_size and ims_per_batch to SmallBNHook (SmallBNTrainer "
+                                 "does), or give BURNIN_ITERS instead")
+            iters = burnin_iters_from_epochs(epochs, self.dataset_size, self.ims_per_batch)
             logger.info("CBN burn-in: %g epochs x %d images / %d per iteration = %d iterations",
-                        self.cfg.MODEL.SMALLBN.CBN.BURNIN_EPOCHS, self.dataset_size, self.cfg.SOLVER.IMS_PER_BATCH,
-                        iters)
-            for m in self._counters:
+                        epochs, self.dataset_size, self.ims_per_batch, iters)
+            for m in model.modules():
                 if isinstance(m, CrossIterationBatchNorm2d):
                     m.burnin_iters = iters
-        self._rate_groups = []
-        if self.cfg.MODEL.SMALLBN.BCN.UPDATE_RATE_MODE == "lr":
-            group_of = {id(p): g for g in self.trainer.optimizer.param_groups for p in g["params"]}
-            for m in model.modules():
-                if isinstance(m, BatchChannelNorm2d) and not m.frozen:
-                    if id(m.weight) not in group_of:
-                        raise ValueError("a trainable BatchChannelNorm2d's weight is not in the optimizer, so its "
-                                         "update rate cannot follow the learning rate")
-                    self._rate_groups.append((m, group_of[id(m.weight)]))
+        scaler = getattr(getattr(self.trainer, "_trainer", self.trainer), "grad_scaler", None)  # AMPTrainer's
+        rate = "lr" if self.s.BCN.UPDATE_RATE_MODE == "lr" else self.s.BCN.UPDATE_RATE
+        self.driver = NormStateDriver(model, self.trainer.optimizer, update_rate=rate, loss_scaler=scaler)
 
     def before_step(self):
-        iteration = self.trainer.iter
-        for m in self._counters:
-            m.set_iteration(iteration)
-        for m, group in self._rate_groups:
-            m.set_update_rate(float(group["lr"]))
+        self.driver.before_step(self.trainer.iter)

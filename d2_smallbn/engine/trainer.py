@@ -10,21 +10,18 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 
 from ..data.loading import build_test_loader, build_train_loader
 from ..layers import GroupNormPerGroupAffine
-from ..modeling.norms import PerLevelNorm, SMALLBN_NORM_TYPES
+from ..norms import NORM_TYPES
 from .checkpoint import explain_unreadable_checkpoint
+from .ddp import cpu_safe_ddp
 from .hooks import SmallBNHook
 
 
-def optimizer_param_groups(cfg, model):
-    """detectron2's default param groups, with our norms' parameters under SOLVER.WEIGHT_DECAY_NORM
-    like BN and GN (detectron2 recognizes only torch's norm classes)."""
-    groups = get_default_optimizer_params(
-        model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
-    if cfg.SOLVER.WEIGHT_DECAY_NORM is None:
-        return groups
-    norm_types = SMALLBN_NORM_TYPES + (GroupNormPerGroupAffine,)
-    ours = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+def norm_param_groups(groups, model, weight_decay_norm):
+    """detectron2's param groups with our norms' parameters (the table's layer classes, and BCN's
+    folded group part) under ``weight_decay_norm`` like BN and GN: detectron2 recognizes only
+    torch's norm classes."""
+    ours = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES + (GroupNormPerGroupAffine,))
+            for p in m.parameters(recurse=False)}
     result = []
     for group in groups:
         mine = [p for p in group["params"] if id(p) in ours]
@@ -32,8 +29,22 @@ def optimizer_param_groups(cfg, model):
         if rest:
             result.append({**group, "params": rest})
         if mine:
-            result.append({**group, "params": mine, "weight_decay": cfg.SOLVER.WEIGHT_DECAY_NORM})
+            result.append({**group, "params": mine, "weight_decay": weight_decay_norm})
     return result
+
+
+def get_optimizer_params(model, weight_decay_norm=None, **kwargs):
+    """``detectron2.solver.get_default_optimizer_params`` (same arguments) with our norms counted as
+    norms; for LazyConfigs (``optimizer.params._target_``)."""
+    groups = get_default_optimizer_params(model, weight_decay_norm=weight_decay_norm, **kwargs)
+    return groups if weight_decay_norm is None else norm_param_groups(groups, model, weight_decay_norm)
+
+
+def optimizer_param_groups(cfg, model):
+    """``get_optimizer_params`` with a yacs config's SOLVER values."""
+    return get_optimizer_params(
+        model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
 
 
 def build_optimizer(cfg, model):
@@ -44,6 +55,10 @@ def build_optimizer(cfg, model):
 
 
 class SmallBNTrainer(DefaultTrainer):
+    def __init__(self, cfg):
+        with cpu_safe_ddp():
+            super().__init__(cfg)
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
@@ -70,4 +85,4 @@ class SmallBNTrainer(DefaultTrainer):
         if self.cfg.MODEL.SMALLBN.CBN.BURNIN_EPOCHS > 0:
             dataset_size = len(get_detection_dataset_dicts(
                 self.cfg.DATASETS.TRAIN, filter_empty=self.cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
-        return [SmallBNHook(self.cfg, dataset_size)] + super().build_hooks()
+        return [SmallBNHook(self.cfg, dataset_size=dataset_size)] + super().build_hooks()

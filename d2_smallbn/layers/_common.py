@@ -98,16 +98,29 @@ class NormBase(nn.Module):
 
     # Loading a BatchNorm checkpoint: the BN statistics are mapped by ``map_bn_state`` and this
     # layer's own training state (rings, windows, counters) starts fresh instead of being "missing".
+    # ``convert_weights`` uses the same two methods for its targets (through the table of norms).
     own_state = ()
 
-    def map_bn_state(self, state_dict, prefix):
+    @staticmethod
+    def map_bn_state(state_dict, prefix):
         """Rewrites BN keys under ``prefix`` into this layer's; returns a description of the mapping."""
         state_dict.pop(prefix + "num_batches_tracked", None)
         return "running_mean/running_var kept as they are"
 
+    @classmethod
+    def loads_as_bn(cls, keys):
+        """Whether a checkpoint with these keys (relative to the layer) is a BatchNorm's for it: then
+        its own state starts fresh without being reported missing."""
+        return "running_var" in keys and not any(k in keys for k in cls.own_state)
+
+    @classmethod
+    def missing_on_load(cls, keys):
+        """The layer's keys that loading a checkpoint with ``keys`` reports as missing."""
+        return [] if cls.loads_as_bn(keys) else [k for k in cls.own_state if k not in keys]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        from_bn = prefix + "running_var" in state_dict and not any(prefix + k in state_dict for k in self.own_state)
+        from_bn = self.loads_as_bn({k[len(prefix):] for k in state_dict if k.startswith(prefix)})
         if from_bn:
             mapping = self.map_bn_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

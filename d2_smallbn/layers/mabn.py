@@ -60,11 +60,12 @@ class MovingAverageBatchNorm2d(StepCounter):
 
     own_state = ("num_steps", "running_sqmean", "sqmean_buffer", "psi_buffer")
 
-    def map_bn_state(self, state_dict, prefix):
+    @staticmethod
+    def map_bn_state(state_dict, prefix):
         mean = state_dict.pop(prefix + "running_mean")
         var = state_dict.pop(prefix + "running_var")
         state_dict.pop(prefix + "num_batches_tracked", None)
-        state_dict[prefix + "running_sqmean"] = var + mean * mean
+        state_dict[prefix + "running_sqmean"] = (var.double() + mean.double() ** 2).to(var.dtype)
         return "running_sqmean = running_var + running_mean^2, i.e. E[x^2]"
 
     def set_loss_scaler(self, scaler):

@@ -1,10 +1,11 @@
-"""The detectron2 integration: norm names, the conversion pass, backbones, folding."""
+"""The detectron2 integration: the conversion call, the patch of two detectron2 functions,
+backbone names, folding."""
 from .backbone import build_smallbn_resnet_fpn_backbone, build_smallbn_retinanet_resnet_fpn_backbone
+from .conversion import PendingNorm, PerLevelNorm, check_converted, convert_model, replace_module, smallbn_norms
 from .fold import fold_model
-from .norms import PerLevelNorm, build_norm, building, check_converted, conv_class_for, convert_model, smallbn_norms
-from .registration import install
+from .patch import install
 
 __all__ = [
-    "PerLevelNorm", "build_norm", "build_smallbn_resnet_fpn_backbone", "build_smallbn_retinanet_resnet_fpn_backbone",
-    "building", "check_converted", "conv_class_for", "convert_model", "fold_model", "install", "smallbn_norms",
+    "PendingNorm", "PerLevelNorm", "build_smallbn_resnet_fpn_backbone", "build_smallbn_retinanet_resnet_fpn_backbone",
+    "check_converted", "convert_model", "fold_model", "install", "replace_module", "smallbn_norms",
 ]

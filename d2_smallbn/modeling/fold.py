@@ -4,7 +4,7 @@ import copy
 from torch import nn
 
 from ..layers import CenteredConv2d, WSConv2d, fold_conv_norm, is_foldable
-from .norms import PerLevelNorm, replace_module
+from .conversion import PerLevelNorm, replace_module
 
 
 def _foldable(conv):

@@ -15,6 +15,7 @@ be, it builds, and its kind of model trains.
   generated images: 2 iterations where CBN/MABN/BCN state must move past burn-in and warmup, 1
   otherwise.
 """
+import copy
 import functools
 import math
 import os
@@ -35,6 +36,7 @@ from d2_smallbn.engine import SmallBNTrainer
 from d2_smallbn.engine.defaults import build_config
 from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
                                MovingAverageBatchNorm2d, WSConv2d)
+from d2_smallbn.layers.brn import BatchRenorm2d
 from d2_smallbn.model_zoo import CONFIG_ROOT, list_configs
 from d2_smallbn.modeling import PerLevelNorm, check_converted
 from d2_smallbn.paper_results import PAPER_RESULTS, paper_result
@@ -75,7 +77,7 @@ def _rows():
         for heads in ("GN", "SyncBN", "CBN"):
             rows.append(Row("CBN", "5", arch, depth, "FrozenBN", heads, "auto", "", "1x"))
     # MABN Table 3 (backbone only), 5 (everywhere), 6 (fine-tuned), 7 (RetinaNet), all 2x.
-    for norm in ("BN", "SyncBN", "MABN"):
+    for norm in ("BN", "BRN", "SyncBN", "MABN"):
         rows.append(Row("MABN", "3", "mask", 50, norm, "", "auto", "scratch", "2x"))
         rows.append(Row("MABN", "5", "mask", 50, norm, norm, "auto", "scratch", "2x"))
     for norm in ("SyncBN", "MABN"):
@@ -198,6 +200,9 @@ def test_every_paper_config_has_its_paper_result():
     assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_mabn_none_scratch_2x.yaml"]["segm"]["AP"] == 31.61
     assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.yaml"]["bbox"]["AP"] == 36.50
     assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_syncbn_syncbn_finetune_2x.yaml"]["bbox"]["AP"] == 38.25
+    assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_brn_none_scratch_2x.yaml"]["segm"]["AP"] == 29.16
+    assert PAPER_RESULTS["mabn/mask_rcnn_R50_FPN_brn_brn_scratch_2x.yaml"]["bbox"] == \
+        {"AP": 34.07, "AP50": 52.66, "AP75": 37.12}
     assert PAPER_RESULTS["mabn/retinanet_R50_FPN_mabn_mabn_scratch_2x.yaml"]["bbox"] == \
         {"AP": 29.52, "AP50": 45.69, "AP75": 31.14}
     # BCN tables list AP / AP50 / AP75 / APl / APm / APs
@@ -300,6 +305,10 @@ def test_paper_config_matches_its_row(name, configs):
         assert s.MABN.BUFFER_SIZE == (32 if heads_normalized_mabn and row.table in ("5", "6") else 16)
         assert s.MABN.HEADS_WARMUP_ITERS == (10000 if heads_normalized_mabn else 100)
         assert (s.MABN.WARMUP_ITERS, s.MABN.FPN_WARMUP_ITERS) == (100, 100)
+        if "BRN" in (row.backbone, row.heads):  # Ioffe's limits and ramp; momentum 0.98 (Tables 3, 5 captions)
+            b = s.BRN
+            assert (b.MOMENTUM, b.R_MAX, b.D_MAX) == (0.98, 3.0, 5.0)
+            assert (b.WARMUP_ITERS, b.D_MAX_ITERS, b.R_MAX_ITERS) == (5000, 25000, 40000)
         if row.variant == "scratch":
             assert m.WEIGHTS == "" and s.INIT == "he"
         else:
@@ -349,7 +358,8 @@ def tiny(cfg):
 
 STOCK = {"BN": torch.nn.BatchNorm2d, "SyncBN": torch.nn.SyncBatchNorm, "GN": torch.nn.GroupNorm,
          "FrozenBN": FrozenBatchNorm2d}
-OURS = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d}
+OURS = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d,
+        "BRN": BatchRenorm2d}
 
 
 def conv_class(norm, conv):
@@ -471,6 +481,10 @@ def test_tiny_model_has_the_norms_convs_and_frozen_stages_of_the_config(name, co
             assert float(module.update_rate) == pytest.approx(cfg.SOLVER.BASE_LR)  # never silently GN
         if isinstance(module, WSConv2d):
             assert (module.ws_mode, module.ws_eps) == (s.WS.MODE, s.WS.EPS)
+        if isinstance(module, BatchRenorm2d):
+            assert (module.momentum, module.r_max, module.d_max) == (s.BRN.MOMENTUM, s.BRN.R_MAX, s.BRN.D_MAX)
+            assert (module.warmup_iters, module.r_max_iters, module.d_max_iters) == \
+                (s.BRN.WARMUP_ITERS, s.BRN.R_MAX_ITERS, s.BRN.D_MAX_ITERS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,7 +539,8 @@ def uses_our_norms(cfg):
 
 def trainable(cfg, dataset, output_dir):
     """The tiny config with short state schedules, so that 2 iterations reach every code path of
-    our norms: CBN's window after 1 burn-in iteration, MABN's moving averages and clipping after 1.
+    our norms: CBN's window after 1 burn-in iteration, MABN's moving averages and clipping after 1,
+    BRN's r and d after 1.
     Configs with stock norms only have no such state: 1 iteration."""
     iters = 2 if uses_our_norms(cfg) else 1
     cfg = tiny(cfg)
@@ -533,6 +548,7 @@ def trainable(cfg, dataset, output_dir):
     s.CBN.BURNIN_EPOCHS, s.CBN.BURNIN_ITERS = 0.0, 1
     s.MABN.BUFFER_SIZE = 2
     s.MABN.WARMUP_ITERS = s.MABN.FPN_WARMUP_ITERS = s.MABN.HEADS_WARMUP_ITERS = s.MABN.CLIP_WARMUP_ITERS = 1
+    s.BRN.WARMUP_ITERS, s.BRN.R_MAX_ITERS, s.BRN.D_MAX_ITERS = 1, 2, 2  # the 2nd iteration renormalizes
     s.PAPER_IMS_PER_GPU = 2
     cfg.INPUT.RANDOM_FLIP = "none"
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (dataset,), ()
@@ -548,7 +564,7 @@ def trainable(cfg, dataset, output_dir):
 def test_training_groups_cover_every_paper_config_once():
     covered = sorted(n for names in TRAINING_GROUPS.values() for n in names)
     assert covered == PAPER_CONFIGS
-    assert len(TRAINING_GROUPS) <= 20  # the CI budget: one training each
+    assert len(TRAINING_GROUPS) <= 22  # the CI budget: one training each (20, + 2 for the BRN rows)
 
 
 @pytest.mark.parametrize("name", sorted(TRAINING_GROUPS))
@@ -569,3 +585,160 @@ def test_training_steps_of_each_norm_setting(name, configs, tiny_dataset, tmp_pa
     for key, value in model.state_dict().items():
         if value.is_floating_point():
             assert torch.isfinite(value).all(), key
+
+
+# ------------------------------------------------------------------------------------------------
+# Every build path: YAML configs through the patched build_model (yacs and OmegaConf) and through
+# detectron2's own build_model + convert_model; LazyConfigs (.py) through the lazy entry point, the
+# user's instantiate + convert_model (LazyConfig or a plain dict of settings) and the model zoo.
+# Each path gives the same model, every norm named by the config built with the config's settings.
+
+# layer attribute -> MODEL.SMALLBN.<norm> key, per norm (written here, independently of the table)
+LAYER_SETTINGS = {
+    "CBN": {"window_size": "WINDOW_SIZE", "burnin_iters": "BURNIN_ITERS", "rho": "RHO", "momentum": "MOMENTUM",
+            "eps": "EPS"},
+    "MABN": {"momentum": "MOMENTUM", "buffer_size": "BUFFER_SIZE", "clip_lambda": "CLIP_LAMBDA",
+             "clip_warmup_iters": "CLIP_WARMUP_ITERS", "eps": "EPS"},
+    "BCN": {"num_groups": "NUM_GROUPS", "eps": "EPS"},
+    "BRN": {"momentum": "MOMENTUM", "r_max": "R_MAX", "d_max": "D_MAX", "warmup_iters": "WARMUP_ITERS",
+            "r_max_iters": "R_MAX_ITERS", "d_max_iters": "D_MAX_ITERS", "eps": "EPS"},
+}
+MABN_WARMUP_KEY = {"backbone": "WARMUP_ITERS", "fpn": "FPN_WARMUP_ITERS", "heads": "HEADS_WARMUP_ITERS"}
+
+
+def scope_of(module_name):
+    if module_name.startswith("backbone.bottom_up."):
+        return "backbone"
+    return "fpn" if module_name.startswith("backbone.") else "heads"
+
+
+def check_settings(model, s, base_lr):
+    """Every norm of ours carries the settings ``s`` (MODEL.SMALLBN as a dict) and sits after the conv
+    class it needs, and no norm is pending."""
+    check_converted(model)
+    seen = set()
+    for module_name, module in model.named_modules():
+        name = next((n for n, cls in OURS.items() if type(module) is cls), None)
+        if name is None:
+            continue
+        seen.add(name)
+        for attr, key in LAYER_SETTINGS[name].items():
+            assert getattr(module, attr) == s[name][key], (module_name, attr)
+        if name == "MABN":
+            assert module.warmup_iters == s["MABN"][MABN_WARMUP_KEY[scope_of(module_name)]], module_name
+        if name == "BCN":
+            rate = base_lr if s["BCN"]["UPDATE_RATE_MODE"] == "lr" else s["BCN"]["UPDATE_RATE"]
+            assert float(module.update_rate) == pytest.approx(rate), module_name
+    for conv in normed_convs(model):
+        name = next((n for n, cls in OURS.items() if type(conv.norm) is cls), None)
+        if name is not None:  # (RetinaNet's per-level norms are checked by the tiny-model test)
+            assert type(conv) is conv_class(name, s["CONV"]), (type(conv).__name__, name)
+        if isinstance(conv, WSConv2d):
+            assert (conv.ws_mode, conv.ws_eps) == (s["WS"]["MODE"], s["WS"]["EPS"])
+    return seen
+
+
+def structure(model):
+    """(module name, class, trainable) of every module and the frozen flag of our norms."""
+    return [(n, type(m).__name__, getattr(m, "frozen", None), tuple(p.requires_grad for p in m.parameters(False)))
+            for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_yaml_config_builds_the_same_model_through_every_build_path(name, configs):
+    from omegaconf import OmegaConf
+
+    cfg = tiny(configs(name))
+    build = detectron2.modeling.build_model  # d2_smallbn's: detectron2's + convert_model
+    paths = {
+        "build_model(yacs)": lambda: build(cfg),
+        "build_model(OmegaConf)": lambda: build(OmegaConf.create(cfg.dump())),
+        "convert_model(detectron2 build_model)": lambda: d2_smallbn.convert_model(build._smallbn_original(cfg), cfg),
+    }
+    s = yaml_settings(cfg)
+    built = {}
+    for path, make in paths.items():
+        torch.manual_seed(0)
+        built[path] = make()
+        check_settings(built[path], s, cfg.SOLVER.BASE_LR)
+    reference = structure(built["build_model(yacs)"])
+    for path, model in built.items():
+        assert structure(model) == reference, path
+
+
+def yaml_settings(cfg):
+    import yaml
+
+    return yaml.safe_load(cfg.MODEL.SMALLBN.dump())
+
+
+PY_CONFIGS = list_configs(".py")
+# each LazyConfig and its YAML twin: the same setting
+PY_TWINS = {"lazy/mask_rcnn_R50_FPN_cbn.py": "mask_rcnn_R50_FPN_cbn.yaml",
+            "lazy/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.py": "mabn/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.yaml",
+            "lazy/mask_rcnn_R50_FPN_bcnws_bcnws_2x.py": "bcn/mask_rcnn_R50_FPN_bcnws_bcnws_2x.yaml"}
+
+
+def tiny_lazy(cfg):
+    """A LazyConfig's model at the size of ``tiny``: R18, 32-channel FPN and heads, 2 classes."""
+    from detectron2.layers import ShapeSpec
+
+    cfg = copy.deepcopy(cfg)
+    model = cfg.model
+    model.backbone.bottom_up.stages.depth = 18
+    del model.backbone.bottom_up.stages.stride_in_1x1  # basic blocks have none
+    model.backbone.out_channels = 32
+    model.proposal_generator.head.in_channels = 32
+    heads = model.roi_heads
+    heads.num_classes = 2
+    heads.box_head.input_shape = ShapeSpec(channels=32, height=7, width=7)
+    heads.box_head.conv_dims, heads.box_head.fc_dims = [32] * 4, [64]
+    heads.box_predictor.input_shape = ShapeSpec(channels=64)
+    heads.mask_head.input_shape = ShapeSpec(channels=32, width=14, height=14)
+    heads.mask_head.conv_dims = [32] * 5
+    cfg.train.device = "cpu"
+    return cfg
+
+
+def test_every_lazy_config_has_a_yaml_twin():
+    assert sorted(PY_TWINS) == PY_CONFIGS and len(PY_CONFIGS) >= 3
+    from d2_smallbn import model_zoo
+
+    for name in PY_CONFIGS:  # the model zoo serves them by name, like detectron2's
+        assert model_zoo.get_config(name).model.roi_heads.box_head.fc_dims == [1024]
+
+
+@pytest.mark.parametrize("name", PY_CONFIGS)
+def test_lazy_config_builds_its_yaml_twins_model_through_every_build_path(name, configs):
+    from detectron2.config import instantiate
+    from omegaconf import OmegaConf
+
+    from d2_smallbn import model_zoo
+    from d2_smallbn.engine.lazy import build_model
+
+    cfg = tiny_lazy(model_zoo.get_config(name))
+    values = OmegaConf.to_container(cfg.smallbn)
+    paths = {
+        "lazy entry point": lambda: build_model(cfg),
+        "instantiate + convert_model(model, cfg)": lambda: d2_smallbn.convert_model(instantiate(cfg.model), cfg),
+        "instantiate + convert_model(model, dict)": lambda: d2_smallbn.convert_model(
+            instantiate(cfg.model), values, base_lr=cfg.optimizer.lr),
+    }
+    twin = tiny(configs(PY_TWINS[name]))
+    s = yaml_settings(twin)  # the twin's complete settings: the LazyConfig's (with defaults) must equal them
+    assert cfg.optimizer.lr == twin.SOLVER.BASE_LR
+    torch.manual_seed(0)
+    reference = structure(detectron2.modeling.build_model(twin))
+    for path, make in paths.items():
+        model = make()
+        assert check_settings(model, s, twin.SOLVER.BASE_LR), path
+        assert structure(model) == reference, path
+
+
+def test_model_zoo_get_builds_a_lazy_and_a_yaml_config_converted(tmp_path):
+    from d2_smallbn import model_zoo
+
+    for name in ("lazy/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.py", "mabn/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.yaml"):
+        model = model_zoo.get(name, device="cpu")
+        check_converted(model)
+        assert sum(isinstance(m, MovingAverageBatchNorm2d) for m in model.modules()) == 53 + 8 + 8

@@ -39,10 +39,15 @@ def build_layer(kind, cin=4, cout=8):
         layer = WSConv2d(cin, cout, 3, padding=1, norm=BatchChannelNorm2d(cout, num_groups=4))
         layer.norm.set_update_rate(0.1)
         return layer
+    if kind == "brn":
+        from d2_smallbn.layers import NormActConv2d
+        from d2_smallbn.layers.brn import BatchRenorm2d
+        return NormActConv2d(cin, cout, 3, padding=1, bias=False,
+                             norm=BatchRenorm2d(cout, warmup_iters=1, r_max_iters=3, d_max_iters=2))
     raise ValueError(kind)
 
 
-KINDS = ("cbn", "mabn", "bcn")
+KINDS = ("cbn", "mabn", "bcn", "brn")
 
 
 @pytest.fixture(params=KINDS)

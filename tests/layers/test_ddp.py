@@ -44,9 +44,11 @@ from d2_smallbn.layers import (
     CenteredConv2d,
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
+    NormActConv2d,
+    NormStateDriver,
     WSConv2d,
 )
-from d2_smallbn.layers._common import StepCounter
+from d2_smallbn.layers.brn import BatchRenorm2d
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -66,7 +68,7 @@ BCN_RATE = 0.1
 DATA_SCALE = (1.0, 20.0)
 DATA_SHIFT = (0.0, 3.0)
 
-KINDS = ("cbn", "mabn", "bcn")
+KINDS = ("cbn", "mabn", "bcn", "brn")
 
 # Buffers whose values depend on the data, so they must differ between the two ranks.
 DATA_BUFFERS = {
@@ -74,6 +76,7 @@ DATA_BUFFERS = {
             "hist_dmean", "hist_dsqmean"),
     "mabn": ("running_sqmean", "sqmean_buffer", "psi_buffer"),
     "bcn": ("running_mean", "running_var"),
+    "brn": ("running_mean", "running_var"),
 }
 
 
@@ -93,6 +96,9 @@ def make_conv(kind, cin, cout):
                               norm=MovingAverageBatchNorm2d(cout, warmup_iters=2, buffer_size=2, clip_warmup_iters=3))
     if kind == "bcn":
         return WSConv2d(cin, cout, 3, padding=1, norm=BatchChannelNorm2d(cout, num_groups=4))
+    if kind == "brn":
+        return NormActConv2d(cin, cout, 3, padding=1, bias=False,
+                             norm=BatchRenorm2d(cout, warmup_iters=1, r_max_iters=3, d_max_iters=2))
     raise ValueError(kind)
 
 
@@ -115,11 +121,7 @@ def norms(model):
 
 def prepare_step(model, step):
     """What a trainer does before iteration ``step``: drive the step counters, set BCN's rate."""
-    for norm in norms(model):
-        if isinstance(norm, StepCounter):
-            norm.set_iteration(step)
-        if isinstance(norm, BatchChannelNorm2d):
-            norm.set_update_rate(BCN_RATE)
+    NormStateDriver(model, update_rate=BCN_RATE).before_step(step)
 
 
 def train_step(model, optimizer, x, y, step):

@@ -12,8 +12,8 @@ from conftest import tiny_cfg
 from d2_smallbn.config import check_smallbn_config
 from d2_smallbn.engine import optimizer_param_groups
 from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
-                               MovingAverageBatchNorm2d, WSConv2d)
-from d2_smallbn.modeling import PerLevelNorm
+                               MovingAverageBatchNorm2d, NormStateDriver, WSConv2d)
+from d2_smallbn.modeling import PendingNorm, PerLevelNorm, convert_model
 
 NORM = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d}
 CONV = {"CBN": CBNConv2d, "MABN": CenteredConv2d, "BCN": WSConv2d}
@@ -102,7 +102,10 @@ def test_frozen_stages_freeze_our_norms(norm):
 
 def test_stock_names_work_and_unknown_names_list_the_valid_ones():
     assert isinstance(get_norm("GN", 64), torch.nn.GroupNorm)
-    assert isinstance(get_norm("CBN", 64), CrossIterationBatchNorm2d)
+    pending = get_norm("CBN", 64)  # built with its settings by the conversion pass
+    assert isinstance(pending, PendingNorm) and (pending.name, pending.num_features) == ("CBN", 64)
+    converted = convert_model(torch.nn.Sequential(Conv2d(8, 64, 3, bias=False, norm=pending)), {"CBN": {"RHO": 0.5}})
+    assert isinstance(converted[0].norm, CrossIterationBatchNorm2d) and converted[0].norm.rho == 0.5
     with pytest.raises(ValueError, match=r"Unknown norm 'CNB'.*GN.*CBN, MABN, BCN"):
         get_norm("CNB", 64)
     cfg = tiny_cfg(backbone="MABM")
@@ -151,9 +154,9 @@ def test_retinanet_shared_head_gets_one_norm_per_level_and_trains():
     assert all(type(c) is CenteredConv2d for c in model.head.cls_subnet if isinstance(c, torch.nn.Conv2d))
     model.train()
     norms = [n for p in per_level for n in p.norms]
+    driver = NormStateDriver(model, update_rate=None)
     for it in range(2):
-        for n in norms:
-            n.set_iteration(it)  # as the hook does: a second call per iteration would raise
+        driver.before_step(it)  # as the hook does: a second call per iteration would raise
         features = model.backbone(torch.rand(2, 3, 96, 128) * 255)
         model.head([features[f] for f in model.head_in_features])
     assert all(int(n.num_steps) == 2 for n in norms)
@@ -179,7 +182,6 @@ def test_a_named_norm_whose_conv_was_never_converted_refuses_to_run():
     conv = Conv2d(8, 16, 3, padding=1, bias=False, norm=get_norm("MABN", 16))
     with pytest.raises(RuntimeError, match="never converted"):
         conv(torch.randn(2, 8, 5, 5))
-    from d2_smallbn.modeling import convert_model
     wrapper = torch.nn.Sequential(conv)
     convert_model(wrapper)
     assert type(wrapper[0]) is CenteredConv2d and wrapper[0](torch.randn(2, 8, 5, 5)).shape == (2, 16, 5, 5)
@@ -233,7 +235,66 @@ def test_bcn_groups_that_do_not_divide_the_channels_name_the_key_and_every_layer
                               "backbone.fpn_lateral2.norm (32 channels)"), message
     assert "Fix: set MODEL.SMALLBN.BCN.NUM_GROUPS to a divisor of every BCN layer's channels (here: 32, 16, 8, 4)" \
         in message
-    with pytest.raises(ValueError, match="NUM_GROUPS = 32 does not divide the 48 channels"):
-        get_norm("BCN", 48)  # by name outside build_model (default settings): at once
+    with pytest.raises(ValueError, match=r"NUM_GROUPS = 32 does not divide the channels of 1 BCN layer\(s\): 0 \(48"):
+        convert_model(torch.nn.Sequential(get_norm("BCN", 48)))  # by name outside build_model (default settings)
     cfg.MODEL.SMALLBN.BCN.NUM_GROUPS = 32
     assert len([m for m in build_model(cfg).modules() if isinstance(m, BatchChannelNorm2d)]) == 28
+
+
+def test_build_model_converts_once_so_he_init_runs_once(monkeypatch):
+    from d2_smallbn.modeling import conversion
+
+    calls = []
+    he_init = conversion._he_init
+    monkeypatch.setattr(conversion, "_he_init", lambda module: (calls.append(module), he_init(module)))
+    cfg = tiny_cfg(backbone="MABN", fpn="MABN", box="MABN")
+    cfg.MODEL.SMALLBN.INIT = "he"
+    model = build_model(cfg)
+    assert len(calls) == 1 and calls[0] is model  # the whole model, once; the backbone builder converts nothing
+
+
+def test_importing_the_plugin_patches_only_get_norm_and_build_model():
+    import sys
+
+    import detectron2.engine.defaults
+    import detectron2.layers
+    import detectron2.modeling
+
+    from d2_smallbn.engine.ddp import _original as original_create_ddp_model
+
+    assert detectron2.engine.defaults.create_ddp_model is original_create_ddp_model
+    assert getattr(original_create_ddp_model, "_smallbn_original", None) is None
+    def replaced(value):
+        try:  # some module attributes are lazy proxies that raise on any attribute access without detectron2._C
+            return getattr(value, "_smallbn_original", None) is not None
+        except Exception:
+            return False
+
+    patched = {value.__name__ for name, module in list(sys.modules.items()) if name.startswith("detectron2")
+               for value in list(getattr(module, "__dict__", {}).values()) if replaced(value)}
+    assert patched == {"get_norm", "build_model"}
+    assert detectron2.layers.get_norm._smallbn_original is not None
+    assert detectron2.modeling.build_model._smallbn_original is not None
+
+
+def test_model_zoo_does_not_import_the_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from d2_smallbn import model_zoo\n"
+            "model_zoo.get_config('mask_rcnn_R50_FPN_cbn.yaml')\n"
+            "assert not any(m.startswith('d2_smallbn.engine') for m in sys.modules), sorted(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("norm", ["CBN", "MABN", "BCN"])
+def test_each_named_norm_is_built_once(norm, monkeypatch):
+    from d2_smallbn.norms import NormSpec
+
+    built = []
+    build = NormSpec.build
+    monkeypatch.setattr(NormSpec, "build", lambda spec, *args: built.append(build(spec, *args)) or built[-1])
+    model = build_model(tiny_cfg(backbone=norm, fpn=norm, box=norm, mask=norm))
+    norms = [m for m in model.modules() if isinstance(m, NORM[norm])]
+    assert len(norms) == 36 and len(built) == 36 and {id(m) for m in norms} == {id(m) for m in built}

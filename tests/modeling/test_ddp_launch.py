@@ -78,7 +78,7 @@ def _train_one(norm, records, workdir):
     from torch.nn.parallel import DistributedDataParallel
 
     from d2_smallbn.engine import SmallBNTrainer
-    from d2_smallbn.modeling.norms import SMALLBN_NORM_TYPES
+    from d2_smallbn.norms import NORM_TYPES as SMALLBN_NORM_TYPES
 
     helpers = _helpers()
     rank = comm.get_rank()

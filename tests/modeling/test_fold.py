@@ -7,6 +7,7 @@ from detectron2.modeling import build_model
 
 from conftest import tiny_cfg
 from d2_smallbn.layers import NormActConv2d
+from d2_smallbn.layers import NormStateDriver
 from d2_smallbn.modeling import fold_model
 
 
@@ -16,10 +17,9 @@ def trained_model(norm, conv_type="auto"):
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     model = build_model(cfg)
     model.train()
+    driver = NormStateDriver(model, update_rate=None)  # BCN keeps the rate it was built with
     for step in range(4):  # move the statistics off their initial values
-        for m in model.modules():
-            if hasattr(m, "set_iteration"):
-                m.set_iteration(step)
+        driver.before_step(step)
         with torch.no_grad():
             model.backbone(torch.rand(2, 3, 96, 128) * 255)
     return model.eval()

@@ -129,7 +129,7 @@ def build_r18(norm, conv="auto", freeze_at=0, fpn=False):
     from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-    from d2_smallbn.modeling import building, convert_model
+    from d2_smallbn.modeling import convert_model
 
     cfg = add_smallbn_config(get_cfg())
     cfg.MODEL.RESNETS.DEPTH = 18
@@ -141,9 +141,7 @@ def build_r18(norm, conv="auto", freeze_at=0, fpn=False):
     cfg.MODEL.SMALLBN.CONV = conv
     cfg.MODEL.SMALLBN.BCN.NUM_GROUPS = G
     builder = build_resnet_fpn_backbone if fpn else build_resnet_backbone
-    with building(cfg):
-        backbone = builder(cfg, ShapeSpec(channels=3))
-    return convert_model(backbone, cfg, prefix="backbone.")
+    return convert_model(builder(cfg, ShapeSpec(channels=3)), cfg)
 
 
 def load_into(model, path):

@@ -1,0 +1,323 @@
+"""THE table of norms. Everything that needs to know about one of this project's norms reads it:
+building by name, the conversion pass, the config section ``MODEL.SMALLBN`` and its validation,
+the optimizer's norm-parameter rule, ``convert_weights``' targets, the benchmarks and studies.
+
+Each entry (``NormSpec``) says:
+- ``layer``: the norm's module class (pure PyTorch, ``d2_smallbn.layers``);
+- ``conv``: the conv class a conv feeding it must have (None: the conv stays as it is), and
+  whether that class is ``required`` (CBN's window needs its conv) or only the default of
+  ``MODEL.SMALLBN.CONV: auto`` (MABN's weight centring, BCN's WS);
+- ``settings``: its section ``MODEL.SMALLBN.<name>``: key -> ``Setting(default, check, doc)``;
+- ``kwargs(section, scope)``: the layer's constructor arguments read from that section
+  (``scope`` is "backbone", "fpn" or "heads", for settings given per scope);
+- how a BatchNorm checkpoint maps onto it, and its own training state: the layer's
+  ``map_bn_state`` and ``own_state`` (see ``layers/_common.py``), reached through ``layer``;
+- ``after_build(layer, settings)``: anything a new layer needs beyond its arguments (BCN's update
+  rate starts at the base learning rate: never silently GN).
+
+Adding a norm = one layer file + one entry in ``NORMS``. This module imports no detectron2.
+"""
+import math
+from typing import Callable, Dict, NamedTuple, Optional
+
+from .layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
+                     MovingAverageBatchNorm2d, WSConv2d)
+from .layers.brn import BatchRenorm2d
+
+
+# ---- settings: defaults and checks ------------------------------------------------------------
+
+class Setting(NamedTuple):
+    default: object
+    check: Callable  # value -> None if valid, else what a valid value is
+    doc: str = ""
+
+
+def integer(minimum):
+    def check(v):
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+        return None if ok else f"an integer >= {minimum}"
+    return check
+
+
+def number(low, high=math.inf, low_open=False, high_open=False):
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if ok:
+            return None
+        if high == math.inf:
+            return f"a number {'>' if low_open else '>='} {low}"
+        return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return check
+
+
+def choice(*options, doc=None):
+    def check(v):
+        return None if isinstance(v, str) and v in options else (doc or f"one of {options}")
+    return check
+
+
+EPS = Setting(1e-5, number(0, low_open=True), "added to the variance")
+
+# Conv classes selected by MODEL.SMALLBN.CONV for every normed conv ("auto": the norm's own).
+CONV_TYPES = {"auto": None, "plain": None, "ws": WSConv2d, "centered": CenteredConv2d}
+
+# Settings shared by every norm, at the top of MODEL.SMALLBN.
+COMMON = {
+    "CONV": Setting("auto", choice(*CONV_TYPES), "conv type of every conv whose output feeds a norm: 'auto' follows "
+                    "the norm; 'ws' / 'centered' / 'plain' that weight transform for every normed conv"),
+    "INIT": Setting("", choice("", "he", doc="'' (detectron2's init) or 'he'"),
+                    "'he': He (fan_out) init of every normed conv, norms at gamma 1, beta 0 (from scratch)"),
+    "PAPER_IMS_PER_GPU": Setting(0, integer(0), "the paper's images per GPU; training warns on a different "
+                                 "number (0: no check)"),
+    "WS": {
+        "EPS": Setting(1e-5, number(0, low_open=True), "WS epsilon"),
+        "MODE": Setting("std", choice("std", "var", doc="'std' (released checkpoints) or 'var' (eq. 7)"),
+                        "'std': (W - mean) / (std + eps), as the released checkpoints; 'var': paper eq. 7"),
+    },
+}
+
+
+def conv_kwargs(cls, s):
+    """Constructor arguments of conv class ``cls`` beyond torch's, from the settings ``s``."""
+    if issubclass(cls, WSConv2d):
+        return {"ws_eps": s.WS.EPS, "ws_mode": s.WS.MODE}
+    return {}
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+class NormSpec(NamedTuple):
+    name: str
+    layer: type
+    conv: Optional[type]
+    conv_required: bool
+    settings: Dict[str, Setting]
+    kwargs: Callable  # (section, scope) -> layer kwargs
+    after_build: Optional[Callable] = None  # (layer, settings) -> None
+    doc: str = ""
+    check_section: Optional[Callable] = None  # (section) -> [problems] across keys of its section
+
+    def build(self, channels, s, scope="backbone"):
+        """A new layer for ``channels`` channels from resolved settings ``s`` (see ``resolve``)."""
+        layer = self.layer(channels, **self.kwargs(s[self.name], scope))
+        if self.after_build is not None:
+            self.after_build(layer, s)
+        return layer
+
+    @property
+    def checkpoint_target(self):
+        """Its name for ``convert_weights --target-norm``."""
+        return self.name.lower()
+
+
+def _bcn_start_rate(layer, s):
+    # with "lr", None when the settings carry no learning rate: the trainer hook sets it
+    rate = s.BCN.UPDATE_RATE if s.BCN.UPDATE_RATE_MODE == "fixed" else s.base_lr
+    if rate is not None:
+        layer.set_update_rate(float(rate))
+
+
+def _bcn_rate_keys(b):
+    """UPDATE_RATE is used only in "fixed" mode; a rate given without the mode is an error, not ignored."""
+    if b.UPDATE_RATE_MODE == "fixed" and not b.UPDATE_RATE > 0:
+        return [f"MODEL.SMALLBN.BCN.UPDATE_RATE = {b.UPDATE_RATE!r} is invalid: with UPDATE_RATE_MODE 'fixed', "
+                "a number in (0, 1] (0 would freeze the estimates: GN plus a fixed affine)"]
+    if b.UPDATE_RATE_MODE == "lr" and b.UPDATE_RATE != 0:
+        return [f"MODEL.SMALLBN.BCN.UPDATE_RATE = {b.UPDATE_RATE!r} is invalid: it is used only with "
+                "MODEL.SMALLBN.BCN.UPDATE_RATE_MODE 'fixed', and the mode is 'lr'. Fix: add "
+                "MODEL.SMALLBN.BCN.UPDATE_RATE_MODE fixed, or leave UPDATE_RATE at 0.0 to follow the learning rate"]
+    return []
+
+
+def _mabn_warmup(m, scope):
+    return {"backbone": m.WARMUP_ITERS, "fpn": m.FPN_WARMUP_ITERS, "heads": m.HEADS_WARMUP_ITERS}[scope]
+
+
+NORMS = {spec.name: spec for spec in (
+    NormSpec(
+        "CBN", CrossIterationBatchNorm2d, CBNConv2d, True,
+        {"WINDOW_SIZE": Setting(4, integer(1), "k, counting the current iteration; k * images/GPU ~= 16"),
+         "BURNIN_ITERS": Setting(0, integer(0), "iterations of plain BN before the window is used"),
+         "BURNIN_EPOCHS": Setting(0.0, number(0), "if > 0, overrides BURNIN_ITERS: epochs * dataset size / "
+                                  "IMS_PER_BATCH (the trainer hook converts it)"),
+         "RHO": Setting(1.0, number(0), "Taylor weight; 0 = 'Naive CBN'"),
+         "MOMENTUM": Setting(0.1, number(0, 1, low_open=True), "EMA of the statistics used in training, for eval"),
+         "EPS": EPS},
+        lambda c, scope: dict(window_size=c.WINDOW_SIZE, burnin_iters=c.BURNIN_ITERS, rho=c.RHO, eps=c.EPS,
+                              momentum=c.MOMENTUM),
+        doc="Cross-Iteration BN (CBN paper); its conv CBNConv2d feeds it the conv input and weight"),
+    NormSpec(
+        "MABN", MovingAverageBatchNorm2d, CenteredConv2d, False,
+        {"MOMENTUM": Setting(0.98, number(0, 1, high_open=True), "alpha of the EMA"),
+         "BUFFER_SIZE": Setting(16, integer(1), "m, iterations in the simple moving averages"),
+         "WARMUP_ITERS": Setting(100, integer(0), "batch statistics before this iteration (backbone)"),
+         "FPN_WARMUP_ITERS": Setting(100, integer(0), "the same for the FPN"),
+         "HEADS_WARMUP_ITERS": Setting(100, integer(0), "the same for the heads (the paper's detection runs: 10000)"),
+         "CLIP_LAMBDA": Setting(5.0, number(1), "r is clipped to [1/lambda, lambda]"),
+         "CLIP_WARMUP_ITERS": Setting(1000, integer(0), "r = 1 until this iteration"),
+         "EPS": EPS},
+        lambda m, scope: dict(momentum=m.MOMENTUM, buffer_size=m.BUFFER_SIZE, warmup_iters=_mabn_warmup(m, scope),
+                              clip_lambda=m.CLIP_LAMBDA, clip_warmup_iters=m.CLIP_WARMUP_ITERS, eps=m.EPS),
+        doc="Moving Average BN (MABN paper) with weight-centralized convs"),
+    NormSpec(
+        "BCN", BatchChannelNorm2d, WSConv2d, False,
+        {"NUM_GROUPS": Setting(32, integer(1), "groups of the GN step"),
+         "EPS": EPS,
+         # Two keys of fixed types, so that either choice loads from YAML, the command line and a dumped
+         # config.yaml (as detectron2's CLIP_TYPE / CLIP_VALUE do).
+         "UPDATE_RATE_MODE": Setting("lr", choice("lr", "fixed", doc="'lr' (the current learning rate) or 'fixed' "
+                                                 "(BCN.UPDATE_RATE)"),
+                                     "'lr': the running estimates' rate is the current learning rate of the "
+                                     "layer's parameters, every iteration (the paper); 'fixed': BCN.UPDATE_RATE"),
+         "UPDATE_RATE": Setting(0.0, number(0, 1), "the rate with UPDATE_RATE_MODE 'fixed', in (0, 1]")},
+        lambda b, scope: dict(num_groups=b.NUM_GROUPS, eps=b.EPS),
+        after_build=_bcn_start_rate, check_section=_bcn_rate_keys,
+        doc="micro-batch Batch-Channel Norm (BCN+WS paper) with WS convs"),
+    NormSpec(
+        "BRN", BatchRenorm2d, None, False,
+        {"MOMENTUM": Setting(0.98, number(0, 1, high_open=True), "EMA decay of the running statistics (the MABN "
+                             "paper's COCO runs: 0.98)"),
+         "R_MAX": Setting(3.0, number(1), "final r_max (Ioffe: 3)"),
+         "D_MAX": Setting(5.0, number(0), "final d_max (Ioffe: 5)"),
+         "WARMUP_ITERS": Setting(5000, integer(0), "plain BN (r_max 1, d_max 0) before this iteration"),
+         "R_MAX_ITERS": Setting(40000, integer(0), "r_max reaches R_MAX here, linearly from WARMUP_ITERS"),
+         "D_MAX_ITERS": Setting(25000, integer(0), "d_max reaches D_MAX here, linearly from WARMUP_ITERS"),
+         "EPS": EPS},
+        lambda b, scope: dict(momentum=b.MOMENTUM, r_max=b.R_MAX, d_max=b.D_MAX, warmup_iters=b.WARMUP_ITERS,
+                              r_max_iters=b.R_MAX_ITERS, d_max_iters=b.D_MAX_ITERS, eps=b.EPS),
+        doc="Batch Renormalization (Ioffe 2017), the MABN paper's baseline; plain convs"),
+)}
+
+NORM_TYPES = tuple(spec.layer for spec in NORMS.values())
+
+
+def spec_of(module):
+    """The table entry of a norm module (or None)."""
+    for spec in NORMS.values():
+        if type(module) is spec.layer:
+            return spec
+    return None
+
+
+def conv_class_for(name, conv_type="auto"):
+    """The conv class a conv feeding norm ``name`` must have (None: keep the conv)."""
+    if conv_type not in CONV_TYPES:
+        raise ValueError(f"conv type must be one of {tuple(CONV_TYPES)}, got {conv_type!r}")
+    spec = NORMS.get(name)
+    if spec is not None and spec.conv_required:
+        if conv_type in ("ws", "centered"):
+            raise ValueError(f"{name} needs its own conv ({spec.conv.__name__}); MODEL.SMALLBN.CONV = {conv_type!r} "
+                             "is not supported with it")
+        return spec.conv
+    if conv_type == "auto":
+        return spec.conv if spec is not None else None
+    return CONV_TYPES[conv_type]
+
+
+# ---- reading settings of any config type ------------------------------------------------------
+
+def schema():
+    """MODEL.SMALLBN's keys: {key: Setting or nested dict}."""
+    return {**COMMON, **{name: spec.settings for name, spec in NORMS.items()}}
+
+
+def defaults(node=None):
+    """The default values as nested plain dicts."""
+    node = schema() if node is None else node
+    return {k: defaults(v) if isinstance(v, dict) else v.default for k, v in node.items()}
+
+
+class Section(dict):
+    """A read-only dict of settings that also reads as attributes (``s.CBN.WINDOW_SIZE``)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _is_omegaconf(obj):
+    return type(obj).__module__.startswith("omegaconf")
+
+
+def _plain(obj):
+    """A yacs CfgNode, an OmegaConf node or a mapping as nested plain dicts/lists."""
+    if _is_omegaconf(obj):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _get(node, key):
+    """``node[key]`` for a mapping or an OmegaConf node, or None."""
+    try:
+        return node[key] if key in node else None
+    except TypeError:
+        return None
+
+
+def locate(settings):
+    """(the MODEL.SMALLBN values, the base learning rate or None) of ``settings``:
+    a whole detectron2 config (yacs ``CfgNode`` or OmegaConf, e.g. ``OmegaConf.create(cfg.dump())``),
+    a LazyConfig root (its ``smallbn`` node; the LR from ``optimizer.lr``), the values themselves
+    (a dict / CfgNode / DictConfig of MODEL.SMALLBN keys), or None (the defaults)."""
+    if settings is None:
+        return {}, None
+    if not (isinstance(settings, dict) or _is_omegaconf(settings)):
+        raise TypeError(f"settings must be a detectron2 config (CfgNode / DictConfig), a LazyConfig, a dict of "
+                        f"MODEL.SMALLBN values or None, got {type(settings).__name__}")
+    model = _get(settings, "MODEL")
+    if model is not None:  # a whole detectron2 config
+        solver = _get(settings, "SOLVER")
+        return _plain(_get(model, "SMALLBN") or {}), (_plain(_get(solver, "BASE_LR")) if solver is not None else None)
+    if _get(settings, "model") is not None or _get(settings, "optimizer") is not None:  # a LazyConfig root
+        optimizer = _get(settings, "optimizer")
+        lr = _get(optimizer, "lr") if optimizer is not None else None
+        return _plain(_get(settings, "smallbn") or {}), _plain(lr)
+    return _plain(settings), None
+
+
+def _merge(values, node, path, errors):
+    out = Section()
+    if not isinstance(values, dict):
+        errors.append(f"{path} = {values!r} is invalid: a section of settings ({', '.join(node)})")
+        values = {}
+    for key in values:
+        if key not in node:
+            errors.append(f"{path}.{key} is not a setting; valid keys of {path}: {', '.join(node)}")
+    for key, item in node.items():
+        name = f"{path}.{key}"
+        if isinstance(item, dict):
+            out[key] = _merge(values.get(key, {}), item, name, errors)
+            continue
+        value = values.get(key, item.default)
+        if isinstance(value, list):
+            value = tuple(value)
+        problem = item.check(value)
+        if problem:
+            errors.append(f"{name} = {value!r} is invalid: use {problem}")
+        out[key] = value
+    return out
+
+
+def resolve(settings=None, base_lr=None):
+    """The complete, validated settings: a ``Section`` with every MODEL.SMALLBN key (defaults for
+    the missing ones) and ``base_lr``. Raises ValueError naming each invalid or unknown key."""
+    values, found_lr = locate(settings)
+    errors = []
+    s = _merge(values, schema(), "MODEL.SMALLBN", errors)
+    for name, spec in NORMS.items():
+        if spec.check_section is not None and not errors:
+            errors += spec.check_section(s[name])
+    if errors:
+        raise ValueError("; ".join(errors))
+    s["base_lr"] = base_lr if base_lr is not None else found_lr
+    return s
