@@ -43,18 +43,25 @@ def check_smallbn_config(cfg):
 def load_yaml_config(path, opts=()):
     """detectron2's config with MODEL.SMALLBN, merged from the YAML file ``path`` and ``opts``,
     validated. A config asking for CUDA on a machine without it runs on CPU (logged once)."""
-    import logging
-
-    import torch
     from detectron2.config import get_cfg
-    from detectron2.utils.logger import log_first_n
 
     cfg = add_smallbn_config(get_cfg())
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # once per process: tools build many configs (study runs, benchmark settings)
-        log_first_n(logging.WARNING, "No CUDA device: running on CPU (MODEL.DEVICE cpu)", name=__name__, key="message")
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = available_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
     check_smallbn_config(cfg)
     return cfg
+
+
+def available_device(device, key):
+    """``device``, or "cpu" (logged once per process) when it asks for CUDA on a machine without it."""
+    import logging
+
+    import torch
+    from detectron2.utils.logger import log_first_n
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        # once per process: tools build many configs (study runs, benchmark settings)
+        log_first_n(logging.WARNING, f"No CUDA device: running on CPU ({key} cpu)", name=__name__, key="caller")
+        return "cpu"
+    return device

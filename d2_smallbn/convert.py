@@ -1,6 +1,7 @@
 """Torchvision-style ResNet checkpoints -> detectron2 weights (a .pkl that DetectionCheckpointer loads).
 
-Used by ``tools/convert_weights.py``. Names (``module.`` prefixes of DataParallel removed first):
+The command is ``d2-smallbn-convert`` (also ``python -m d2_smallbn.convert``, ``tools/convert_weights.py``).
+Names (``module.`` prefixes of DataParallel removed first):
 
     conv1.weight                     -> stem.conv1.weight
     bn1.*                            -> stem.conv1.norm.*
@@ -586,13 +587,13 @@ def format_report(report):
 
 
 def main(argv=None):
-    """The command line of tools/convert_weights.py. Exit codes: 0 done; 1 unmapped keys with
+    """The command line of d2-smallbn-convert. Exit codes: 0 done; 1 unmapped keys with
     --strict (the output is still written); 2 unusable input or output."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="convert_weights.py",
+        prog="d2-smallbn-convert",
         description="Convert a torchvision-style ResNet checkpoint (BN, GN+WS, BCN+WS, weight-centralized) "
                     "into a detectron2 .pkl for d2_smallbn's norms.")
     parser.add_argument("input", help="torch checkpoint (.pth/.pt/.tar), optionally DataParallel ('module.')")
@@ -623,3 +624,7 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

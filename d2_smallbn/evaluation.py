@@ -1,6 +1,7 @@
 """COCO evaluation of a results file, checked up front, printed in the papers' layout.
 
-Used by ``tools/coco_eval.py``::
+The command is ``d2-smallbn-eval`` (also ``python -m d2_smallbn.evaluation``, ``tools/coco_eval.py``);
+from Python::
 
     summary = evaluate_files("results.json", "instances_val.json", config="mask_rcnn_R50_FPN_cbn.yaml")
 
@@ -34,7 +35,7 @@ RESULTS_FIX = ("a results file is a JSON list of {image_id, category_id, score, 
 REWRITE_FIX = {
     "results file": "re-write the file completely (e.g. re-run inference); a partly written file cannot be evaluated",
     "annotation file": "restore the complete annotation file of the dataset (copy or download it again; the "
-                       "built-in smallbn_shapes: `python tools/make_dataset.py` regenerates a damaged one); a partly "
+                       "built-in smallbn_shapes: `d2-smallbn-dataset` regenerates a damaged one); a partly "
                        "written file cannot be evaluated against",
 }
 NO_DETECTIONS = ("no detections (an empty list): every AP is nan, as detectron2's COCOEvaluator reports a model "
@@ -431,12 +432,12 @@ def evaluate_files(results_path, annotations_path, tasks=None, config=None, outp
 
 
 def main(argv=None):
-    """The command line of tools/coco_eval.py; returns the exit code (2 for a bad file)."""
+    """The command line of d2-smallbn-eval; returns the exit code (2 for a bad file)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="coco_eval.py",
+        prog="d2-smallbn-eval",
         description="COCO box/mask AP of a results file against an annotation file, in the papers' layout, "
                     "optionally beside the paper's reported row for a config.")
     parser.add_argument("results", help="COCO results JSON (a list of detections), e.g. coco_instances_results.json")
@@ -455,3 +456,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

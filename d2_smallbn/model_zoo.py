@@ -1,5 +1,5 @@
 """A model-zoo API over this project's configs, mirroring ``detectron2.model_zoo``: YAML configs
-(yacs, for ``tools/train_net.py``) and LazyConfigs (``.py``, for ``tools/lazy_train_net.py``).
+(yacs) and LazyConfigs (``.py``); ``d2-smallbn-train --config-file NAME`` trains either.
 
 The configs are package data (``d2_smallbn/configs``; the repository's ``configs/`` points
 there), so names work after ``pip install .`` from any directory. This module depends only on
@@ -100,7 +100,6 @@ def _trained_checkpoint(name):
     name = _name(name)
     if name not in TRAINED_CHECKPOINTS:
         raise ValueError(f"No trained checkpoint is published for {name!r}. Train it with "
-                         f"`python tools/train_net.py --config-file {name}` (or tools/lazy_train_net.py for a .py "
-                         "config) and load the result with DetectionCheckpointer, or use trained=False for a "
-                         "randomly initialized model.")
+                         f"`d2-smallbn-train --config-file {name}` and load the result with "
+                         "DetectionCheckpointer, or use trained=False for a randomly initialized model.")
     return TRAINED_CHECKPOINTS[name]

@@ -1,7 +1,7 @@
 """The main job on the built-in dataset: generate it, train a quickstart Mask R-CNN, evaluate it
 with COCO evaluation (box and mask) against the same model untrained, and write the results.
 
-    python tools/quickstart.py [--norm cbn|mabn|bcn_ws|gn|bn] [--iters N] [--output-dir DIR] [KEY VALUE ...]
+    d2-smallbn-quickstart [--norm cbn|mabn|bcn_ws|gn|bn] [--iters N] [--output-dir DIR] [KEY VALUE ...]
 
 Outputs in the output directory: metrics.json (detectron2's training log), results.json (AP of the
 trained and untrained model), predictions.png (validation images with predictions, drawn with
@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -201,4 +202,8 @@ def main(argv=None):
     print(f"\nTotal time {summary['wall_seconds']:.0f} s. Outputs:")
     for name, path in files.items():
         print(f"  {name:14s} {path}")
-    return summary
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@
 # layers: "current-base" holds what the GPU machine has preinstalled, so that it also serves as the
 # GPU check's CPU stand-in (tools/gpu_check.sh), and "current-deps" the rest. Each checkout gets a
 # small venv of its own that sees its layers through a .pth file and holds an editable install of
-# that checkout. Re-running is fast and changes nothing; an interrupted build has no marker and is redone.
+# that checkout (with its console scripts; redone when setup.py changes). Re-running is fast and changes nothing; an interrupted build has no marker and is redone.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stack="${1:-pinned}"
@@ -90,7 +90,7 @@ case "$stack" in
     requirements="$root/requirements/pinned.txt"
     key="$(hash_of "$requirements")"
     deps="$(layer deps "$key" "$python" install_requirements)"
-    checkout_venv "$root/.venv" "$python" "$key" "$deps"
+    checkout_venv "$root/.venv" "$python" "$(echo "$key" | cat - "$root/setup.py" | sha256sum | cut -c1-16)" "$deps"
     ;;
   current|gpu-standin)
     python="$(find_python 3.12 "${D2_SMALLBN_PYTHON312:-}")" || { log "(D2_SMALLBN_PYTHON312)"; exit 1; }
@@ -103,7 +103,8 @@ case "$stack" in
     fi
     key="$(echo "$base_key" | cat - "$root/requirements/current.txt" "$root/scripts/detectron2_wheel.py" | sha256sum | cut -c1-16)"
     deps="$(layer current-deps "$key" "$python" install_current_deps "$base")"
-    checkout_venv "$root/.venv-current" "$python" "$key" "$deps" "$base"
+    checkout_venv "$root/.venv-current" "$python" "$(echo "$key" | cat - "$root/setup.py" | sha256sum | cut -c1-16)" \
+      "$deps" "$base"
     ;;
   *)
     log "unknown stack '$stack'; valid stacks: $STACKS (e.g. make env STACK=current)"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Generate the built-in dataset, train a quickstart Mask R-CNN on it, COCO-evaluate it and write
-the results (see d2_smallbn/quickstart.py). Example: python tools/quickstart.py --norm mabn --iters 500
-"""
+"""The main job on the built-in dataset: the same as d2-smallbn-quickstart (d2_smallbn/quickstart.py)."""
+import sys
+
 from d2_smallbn.quickstart import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

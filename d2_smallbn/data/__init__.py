@@ -1,7 +1,7 @@
 """The built-in dataset ``smallbn_shapes`` and COCO dataset checks.
 
 - ``generate_dataset(root=None, seed=0, num_train=400, num_val=100, ..., force=False)`` writes
-  (or reuses) the dataset; the CLI is ``python tools/make_dataset.py``.
+  (or reuses) the dataset; the command is ``d2-smallbn-dataset``.
 - ``register_shapes(root=None)`` registers ``smallbn_shapes_train`` / ``smallbn_shapes_val`` with
   detectron2 (needs detectron2; generates nothing).
 - ``check_coco_dataset(json_path, image_root)`` raises ``DatasetError`` with the file, problem and fix;

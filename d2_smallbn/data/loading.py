@@ -13,7 +13,7 @@ from detectron2.data import (DatasetCatalog, DatasetMapper, MetadataCatalog, bui
 from .checks import DatasetError
 
 UNREADABLE_FIX = ("restore the file (a truncated copy or download?) or remove it from the dataset's annotation file; "
-                  "`python tools/make_dataset.py` regenerates damaged files of the built-in smallbn_shapes, and "
+                  "`d2-smallbn-dataset` regenerates damaged files of the built-in smallbn_shapes, and "
                   "d2_smallbn.data.check_coco_dataset(json_file, image_root) finds every damaged image of a COCO "
                   "dataset before training")
 

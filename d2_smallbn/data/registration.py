@@ -3,7 +3,7 @@
 ``register_shapes(root=None)`` uses detectron2's own ``register_coco_instances`` (the files are
 plain COCO), then wraps the loader so that loading first runs ``check_coco_dataset``: a missing or
 broken dataset raises a ``DatasetError`` saying how to (re)generate it. Registration reads and
-writes no files; generating is explicit (``python tools/make_dataset.py`` or ``generate_dataset``).
+writes no files; generating is explicit (``d2-smallbn-dataset`` or ``generate_dataset``).
 ``import d2_smallbn`` calls ``register_shapes()`` with the default root.
 """
 import functools
@@ -42,8 +42,8 @@ def register_shapes(root=None):
 
 
 def generate_commands(root):
-    """How to generate the dataset at ``root``: the checkout's tool, and the same from Python."""
-    return (f"`python tools/make_dataset.py --root {root}` from a checkout, or "
+    """How to generate the dataset at ``root``: the installed command, and the same from Python."""
+    return (f"`d2-smallbn-dataset --root {root}`, or "
             f"`python -c \"from d2_smallbn.data import generate_dataset; generate_dataset('{root}')\"`")
 
 

@@ -1,4 +1,4 @@
-"""What ``tools/train_net.py`` runs, kept in the package so that every tool shares it:
+"""What ``d2-smallbn-train`` runs for a YAML config, kept in the package so that every tool shares it:
 config setup (config files by path or by model-zoo name), training, and ``--eval-only``."""
 import os
 

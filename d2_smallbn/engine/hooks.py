@@ -30,16 +30,19 @@ def burnin_iters_from_epochs(epochs, dataset_size, ims_per_batch):
     return int(math.ceil(epochs * dataset_size / ims_per_batch))
 
 
-def check_batch_per_gpu(paper_ims_per_gpu, ims_per_batch, world_size):
-    """Warns when a process gets a different number of images than the paper's GPUs did."""
+def check_batch_per_gpu(paper_ims_per_gpu, ims_per_batch, world_size, batch_key="images per iteration",
+                        silence="MODEL.SMALLBN.PAPER_IMS_PER_GPU 0"):
+    """Warns when a process gets a different number of images than the paper's GPUs did.
+    ``batch_key`` names where the images per iteration come from, ``silence`` the setting that turns
+    the check off, both in the user's config language."""
     actual = ims_per_batch / world_size
     if paper_ims_per_gpu and actual != paper_ims_per_gpu:
         logger.warning(
-            "!!! Images per process = images per iteration / world size = %d / %d = %g, but this config "
-            "reproduces a paper setting with %d images per GPU. Per-GPU batch is what these norms are about: "
-            "the result is not the paper's experiment. Fix: run on %d / %d processes, or set "
-            "MODEL.SMALLBN.PAPER_IMS_PER_GPU 0 to silence this for your own setting.",
-            ims_per_batch, world_size, actual, paper_ims_per_gpu, ims_per_batch, paper_ims_per_gpu)
+            "!!! Images per process = %s / world size = %d / %d = %g, but this config reproduces a paper "
+            "setting with %d images per GPU. Per-GPU batch is what these norms are about: the result is not "
+            "the paper's experiment. Fix: run on %d / %d processes, or set %s to silence this for your own "
+            "setting.", batch_key, ims_per_batch, world_size, actual, paper_ims_per_gpu, ims_per_batch,
+            paper_ims_per_gpu, silence)
         return False
     return True
 
@@ -55,8 +58,13 @@ class SmallBNHook(HookBase):
 
     def __init__(self, settings=None, ims_per_batch=None, dataset_size=None):
         self.s = resolve(settings)
+        self.batch_keys = {}  # how the batch check names the config's keys
         if ims_per_batch is None and settings is not None and "SOLVER" in settings:
             ims_per_batch = settings["SOLVER"]["IMS_PER_BATCH"]
+            self.batch_keys = {"batch_key": "SOLVER.IMS_PER_BATCH"}
+        elif settings is not None and "dataloader" in settings:  # a LazyConfig
+            self.batch_keys = {"batch_key": "dataloader.train.total_batch_size",
+                               "silence": "smallbn.PAPER_IMS_PER_GPU=0"}
         self.ims_per_batch = ims_per_batch
         self.dataset_size = dataset_size
 
@@ -64,7 +72,8 @@ class SmallBNHook(HookBase):
         model = unwrap(self.trainer.model)
         check_converted(model)
         if self.ims_per_batch is not None:
-            check_batch_per_gpu(self.s.PAPER_IMS_PER_GPU, self.ims_per_batch, comm.get_world_size())
+            check_batch_per_gpu(self.s.PAPER_IMS_PER_GPU, self.ims_per_batch, comm.get_world_size(),
+                                **self.batch_keys)
         epochs = self.s.CBN.BURNIN_EPOCHS
         if epochs > 0:
             if self.dataset_size is None or self.ims_per_batch is None:

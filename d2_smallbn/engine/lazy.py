@@ -1,6 +1,6 @@
 """Training and evaluation with LazyConfigs (``.py`` configs), in the style of detectron2's
 ``tools/lazyconfig_train_net.py``, with this project's per-iteration hook. What
-``tools/lazy_train_net.py`` runs.
+``d2-smallbn-train`` runs for a ``.py`` config.
 
 The config is detectron2's LazyConfig layout (``model``, ``dataloader``, ``optimizer``,
 ``lr_multiplier``, ``train``) plus an optional ``smallbn`` node with MODEL.SMALLBN's keys
@@ -17,9 +17,11 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..config import available_device
 from ..model_zoo import get_config_file
 from ..modeling import convert_model
 from .ddp import create_ddp_model
+from .defaults import setup_smallbn_logger
 from .hooks import SmallBNHook
 
 logger = logging.getLogger("d2_smallbn")
@@ -83,13 +85,17 @@ def do_train(cfg, resume=False):
 def load_config(name_or_path, opts=()):
     """A LazyConfig by path or by this project's model-zoo name, with ``key=value`` overrides."""
     path = name_or_path if os.path.isfile(name_or_path) else get_config_file(name_or_path)
-    return LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
+    if "train" in cfg and "device" in cfg.train:
+        cfg.train.device = available_device(cfg.train.device, "train.device")
+    return cfg
 
 
 def main(args):
     """Entry point for ``detectron2.engine.launch`` (one call per process)."""
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
+    setup_smallbn_logger(cfg.train.output_dir)
     if args.eval_only:
         model = build_model(cfg)
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)

@@ -1,7 +1,6 @@
 """The built-in shapes dataset: determinism, COCO validity and mask consistency, coverage,
 detectron2 registration, clear errors for broken data, atomic reuse/regeneration, and the CLI."""
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -12,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from commands import installed
 from pycocotools.coco import COCO
 
 from d2_smallbn.data import (
     CATEGORIES, DatasetError, check_coco_dataset, default_root, generate_dataset, register_shapes,
 )
+from d2_smallbn.data import cli
 from d2_smallbn.data.registration import SHAPES_DATASETS
 from d2_smallbn.data.scene import decode_rle
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "tools" / "make_dataset.py"
 SMALL = dict(num_train=6, num_val=3)
 
 
@@ -186,7 +185,7 @@ def test_registration_is_idempotent_and_loads_with_detectron2(dataset, catalogs,
 
     register_shapes(tmp_path / "elsewhere")   # another root replaces the registration
     assert MetadataCatalog.get("smallbn_shapes_train").json_file.startswith(str(tmp_path / "elsewhere"))
-    with pytest.raises(DatasetError, match=r"smallbn_shapes_train.*does not exist.*tools/make_dataset\.py"):
+    with pytest.raises(DatasetError, match=r"smallbn_shapes_train.*does not exist.*d2-smallbn-dataset"):
         DatasetCatalog.get("smallbn_shapes_train")
 
 
@@ -276,7 +275,7 @@ def test_registered_loader_reports_broken_data_with_the_fix(copied, catalogs):
     with pytest.raises(DatasetError) as info:
         catalogs[0].get("smallbn_shapes_val")
     message = str(info.value)
-    assert "smallbn_shapes_val" in message and "000001.jpg" in message and "make_dataset.py" in message
+    assert "smallbn_shapes_val" in message and "000001.jpg" in message and "d2-smallbn-dataset" in message
 
 
 # ------------------------------------------------------------------ reuse and atomic regeneration
@@ -340,7 +339,7 @@ def test_invalid_parameters_are_rejected(tmp_path):
 
 def test_cli_generates_in_a_subprocess_and_prints_locations(tmp_path):
     env = {**os.environ, "D2_SMALLBN_DATASETS": str(tmp_path / "env")}
-    command = [sys.executable, str(SCRIPT), "--seed", "3", "--num-train", "4", "--num-val", "2"]
+    command = [*installed("d2-smallbn-dataset"), "--seed", "3", "--num-train", "4", "--num-val", "2"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     root = tmp_path / "env" / "smallbn_shapes"
@@ -351,9 +350,6 @@ def test_cli_generates_in_a_subprocess_and_prints_locations(tmp_path):
 
 
 def test_cli_reuses_and_reports_bad_arguments_without_traceback(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_dataset_cli", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     arguments = ["--root", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1"]
     assert cli.main(arguments) == 0 and "generated" in capsys.readouterr().out
     assert cli.main(arguments) == 0 and "reused" in capsys.readouterr().out
@@ -430,9 +426,6 @@ def test_make_dataset_names_and_regenerates_a_damaged_image(tmp_path, decode_cou
 
 
 def test_make_dataset_cli_reports_the_repair(tmp_path, capsys, decode_counter):
-    spec = importlib.util.spec_from_file_location("make_dataset_cli", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     arguments = ["--root", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1"]
     assert cli.main(arguments) == 0
     capsys.readouterr()
@@ -464,5 +457,5 @@ def test_import_registers_the_names_touching_no_file_and_loading_says_how_to_gen
     root = tmp_path / "data" / "smallbn_shapes"
     assert json_file == str(root / "annotations" / "instances_val.json")
     assert message.startswith("dataset 'smallbn_shapes_train' is not generated yet")
-    assert f"python tools/make_dataset.py --root {root}" in message and "generate_dataset(" in message
+    assert f"d2-smallbn-dataset --root {root}" in message and "generate_dataset(" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and not any(work.iterdir())  # no file touched

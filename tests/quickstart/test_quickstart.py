@@ -1,11 +1,10 @@
 """The quickstart configs train, and the main command's code path produces every promised file."""
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from commands import installed
 from PIL import Image
 
 import d2_smallbn  # noqa: F401
@@ -14,7 +13,6 @@ from d2_smallbn.engine import SmallBNTrainer
 from d2_smallbn.engine.defaults import build_config
 from d2_smallbn.model_zoo import list_configs
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
         "INPUT.MAX_SIZE_TEST", "128"]
 
@@ -41,7 +39,7 @@ def test_each_quickstart_config_trains_two_iterations(name, tiny_shapes, tmp_pat
 
 def test_main_command_writes_every_promised_file(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "quickstart.py"), "--norm", "cbn", "--iters", "2",
+    cmd = [*installed("d2-smallbn-quickstart"), "--norm", "cbn", "--iters", "2",
            "--num-train", "4", "--num-val", "2", "--num-vis", "2", "--data-root", str(tmp_path / "data"),
            "--output-dir", str(out)] + TINY
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)

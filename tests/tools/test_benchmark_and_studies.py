@@ -1,4 +1,4 @@
-"""Smoke tests of tools/benchmark.py, tools/study_cbn_fidelity.py and tools/study_mabn_premise.py at
+"""Smoke tests of the model benchmark and the studies (d2_smallbn.bench; tools/ calls the same) at
 tiny sizes: each runs as a script and writes every output it promises, with well-formed numbers.
 Timings and study outcomes are never asserted (one thread each, so a busy machine cannot stall
 their parallel regions)."""
@@ -11,15 +11,22 @@ from pathlib import Path
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TOOLS = REPO_ROOT / "tools"
+MODULES = {"benchmark": "d2_smallbn.bench.model", "study_accuracy": "d2_smallbn.bench.study_accuracy",
+           "study_cbn_fidelity": "d2_smallbn.bench.study_cbn_fidelity",
+           "study_mabn_premise": "d2_smallbn.bench.study_mabn_premise"}
+
+
+def command(tool):
+    """The command line of a measurement tool (python -m, as an installed package runs it)."""
+    return [sys.executable, "-m", MODULES[tool]]
 
 ALL_SETTINGS = ("frozen_none", "frozen_bn", "frozen_gn", "frozen_cbn", "bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws")
 TARGETS = {"cbn_fpn_heads_train", "mabn_train", "bcn_ws_train", "frozen_cbn_folded_infer", "cbn_folded_infer",
            "mabn_folded_infer", "cbn_fpn_heads_memory", "cbn_memory"}
 
 
-def _run(script, *args):
-    cmd = [sys.executable, str(TOOLS / script), "--threads", "1", *args]
+def _run(tool, *args):
+    cmd = [*command(tool), "--threads", "1", *args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{cmd}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
@@ -41,13 +48,10 @@ def _check_png(path, min_width=600, min_height=300):
 
 
 def _benchmark_module():
-    """tools/benchmark.py imported as a module (its functions, without running it)."""
-    import importlib.util
+    """The model benchmark's module (its functions, without running it)."""
+    from d2_smallbn.bench import model
 
-    spec = importlib.util.spec_from_file_location("bench", TOOLS / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return model
 
 
 def _check_summary(s):
@@ -58,7 +62,7 @@ def _check_summary(s):
 def test_benchmark_tiny(tmp_path):
     out = tmp_path / "bench"
     requested = ["frozen_cbn", "cbn", "mabn", "bcn_ws"]
-    proc = _run("benchmark.py", "--tiny", "--settings", ",".join(requested), "--iters", "1", "--warmup", "0",
+    proc = _run("benchmark", "--tiny", "--settings", ",".join(requested), "--iters", "1", "--warmup", "0",
                 "--device", "cpu", "--out", str(out), "--profile", "bn,mabn")
     report = json.loads((out / "benchmark.json").read_text())
     cfg = report["config"]
@@ -139,7 +143,7 @@ def test_benchmark_adds_references_transitively():
 
 
 def test_benchmark_rejects_profiling_an_unmeasured_setting(tmp_path):
-    cmd = [sys.executable, str(TOOLS / "benchmark.py"), "--tiny", "--settings", "mabn", "--profile", "gn",
+    cmd = [*command("benchmark"), "--tiny", "--settings", "mabn", "--profile", "gn",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--profile gn: not measured in this run" in proc.stderr, proc.stderr
@@ -148,7 +152,7 @@ def test_benchmark_rejects_profiling_an_unmeasured_setting(tmp_path):
 
 def test_study_cbn_fidelity_tiny(tmp_path):
     out = tmp_path / "cbn"
-    proc = _run("study_cbn_fidelity.py", "--tiny", "--out", str(out))
+    proc = _run("study_cbn_fidelity", "--tiny", "--out", str(out))
     report = json.loads((out / "cbn_fidelity.json").read_text())
     ks = report["config"]["ks"]
     assert ks == [1, 2, 4, 8]
@@ -180,7 +184,7 @@ def test_study_cbn_fidelity_tiny(tmp_path):
 
 def test_study_mabn_premise_tiny(tmp_path):
     out = tmp_path / "mabn"
-    proc = _run("study_mabn_premise.py", "--tiny", "--out", str(out))
+    proc = _run("study_mabn_premise", "--tiny", "--out", str(out))
     report = json.loads((out / "mabn_premise.json").read_text())
     assert report["config"]["ms"] == [2, 4] and report["config"]["large_batch"] == 32
     series_names = {"batch2", "sma2", "sma4", "batch32"}
@@ -205,7 +209,7 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
               "--out", str(out), "--jobs", "2"]
     overrides = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
                  "INPUT.MAX_SIZE_TEST", "96"]
-    proc = _run("study_accuracy.py", *common, "--settings", "cbn,bn_16", "--seeds", "0", *overrides)
+    proc = _run("study_accuracy", *common, "--settings", "cbn,bn_16", "--seeds", "0", *overrides)
     assert "reusing" not in proc.stdout
     report = json.loads((out / "study_accuracy.json").read_text())
     settings = report["settings"]
@@ -226,8 +230,7 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
     _check_png(out / "study_accuracy.png", min_width=1000)
 
     # a finished run is reused only while its resolved config is unchanged (unused norms aside)
-    sys.path.insert(0, str(TOOLS))
-    import study_accuracy
+    from d2_smallbn.bench import study_accuracy
 
     args = study_accuracy.parse_args([*common, "--settings", "cbn", "--seeds", "0", *overrides])
     (folder, cmd), = study_accuracy.run_commands(args).values()
@@ -240,14 +243,14 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
     (folder / "config.yaml").write_text(saved)
 
     # a second call reuses finished runs and only trains the new seed
-    proc = _run("study_accuracy.py", *common, "--settings", "cbn", "--seeds", "0,1", *overrides)
+    proc = _run("study_accuracy", *common, "--settings", "cbn", "--seeds", "0,1", *overrides)
     assert f"reusing {out / 'runs' / 'cbn_seed0'}" in proc.stdout and "start cbn seed 1" in proc.stdout
     assert "start cbn seed 0" not in proc.stdout
     entry = json.loads((out / "study_accuracy.json").read_text())["settings"]["cbn"]
     assert list(entry["seeds"]) == ["0", "1"] and len(entry["bbox_AP"]["values"]) == 2
 
     # --report-only trains nothing and names what has not finished
-    proc = _run("study_accuracy.py", *common, "--settings", "cbn,gn", "--seeds", "0", "--report-only", *overrides)
+    proc = _run("study_accuracy", *common, "--settings", "cbn,gn", "--seeds", "0", "--report-only", *overrides)
     report = json.loads((out / "study_accuracy.json").read_text())
     assert list(report["settings"]) == ["cbn"] and report["not_finished"] == [["gn", 0]]
     assert report["report_only"] is True and report["jobs"] is None and report["threads_per_job"] is None
@@ -260,7 +263,7 @@ def test_study_accuracy_rejects_bad_arguments(tmp_path):
     for args, message in ((["--settings", "cbn,batchnorm"], "unknown --settings"),
                           (["--jobs", "0"], "--jobs and --threads must be >= 1"),
                           (["SOLVER.BASE_LR"], "KEY VALUE pairs")):
-        proc = subprocess.run([sys.executable, str(TOOLS / "study_accuracy.py"), "--out", str(tmp_path), *args],
+        proc = subprocess.run([*command("study_accuracy"), "--out", str(tmp_path), *args],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
 

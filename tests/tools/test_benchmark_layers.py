@@ -1,4 +1,4 @@
-"""Smoke test of tools/benchmark_layers.py at a tiny size: it runs, checks folding, and writes
+"""Smoke test of the layer benchmark (d2_smallbn.bench.layers) at a tiny size: it runs, checks folding, and writes
 well-formed results. Timings themselves are never asserted."""
 import json
 import math
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "tools" / "benchmark_layers.py"
+COMMAND = [sys.executable, "-m", "d2_smallbn.bench.layers"]
 
 TRAIN_SETTINGS = ("bn", "frozen_bn", "gn", "gn_ws", "bn_wgrad", "cbn", "mabn", "bcn_ws")
 EVAL_SETTINGS = ("frozen_bn", "gn", "gn_ws", "cbn", "mabn", "bcn_ws", "cbn_folded", "mabn_folded", "bcn_ws_folded")
@@ -19,7 +19,7 @@ def _positive_finite(value):
 
 def test_benchmark_layers_tiny(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(SCRIPT), "--channels", "32", "--shapes", "8x8", "--batch", "2",
+    cmd = [*COMMAND, "--channels", "32", "--shapes", "8x8", "--batch", "2",
            "--iters", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -1,4 +1,4 @@
-"""tools/coco_eval.py and d2_smallbn.evaluation: COCO AP on a tiny hand-made ground truth with
+"""d2-smallbn-eval (d2_smallbn.evaluation): COCO AP on a tiny hand-made ground truth with
 known answers, the paper's row beside the measured one, and one-line errors (exit code 2) for
 malformed or mismatched files.
 
@@ -32,7 +32,7 @@ from d2_smallbn import evaluation
 from d2_smallbn.evaluation import EvalFileError, evaluate_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "tools" / "coco_eval.py"
+COMMAND = [sys.executable, "-m", "d2_smallbn.evaluation"]
 H, W = 160, 200
 CATS = (1, 3)
 SHIFT = 120
@@ -207,7 +207,7 @@ def test_cli_with_paper_row_from_any_directory(tmp_path, gt_file):
     res = _write(tmp_path / "results.json", perfect_dets())
     out = tmp_path / "out" / "summary.json"
     out.parent.mkdir()
-    cmd = [sys.executable, str(SCRIPT), str(res), str(gt_file), "--config", config, "--output", str(out)]
+    cmd = [*COMMAND, str(res), str(gt_file), "--config", config, "--output", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {line.split("|")[0].strip(): line for line in proc.stdout.splitlines() if "|" in line}
@@ -286,7 +286,7 @@ def bad_runs(tmp_path_factory, gt_file):
 def test_bad_file_from_the_command_line(tmp_path, gt_file):
     bad = tmp_path / "truncated.json"
     bad.write_text(json.dumps(perfect_dets())[:50])
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(bad), str(gt_file)], cwd=tmp_path,
+    proc = subprocess.run([*COMMAND, str(bad), str(gt_file)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(f"error: {bad}: ") and ". Fix: " in proc.stderr

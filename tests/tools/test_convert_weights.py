@@ -1,4 +1,4 @@
-"""tools/convert_weights.py and d2_smallbn.convert on synthetic ResNet-18 checkpoints (nothing is
+"""d2-smallbn-convert (d2_smallbn.convert) on synthetic ResNet-18 checkpoints (nothing is
 downloaded): torchvision BN (plain, DataParallel 'module.', wrapped in {"state_dict": ...}), GN+WS,
 BCN+WS with an inner bn and a group affine (per group, per channel constant within groups, per
 channel varying, the authors' layout with the affine beside the inner bn), and junk keys.
@@ -30,7 +30,7 @@ from d2_smallbn.convert import ConvertError, convert_file, convert_state_dict, i
 from d2_smallbn.convert import main as convert_main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "tools" / "convert_weights.py"
+COMMAND = [sys.executable, "-m", "d2_smallbn.convert"]
 G = 32  # BCN groups (the default of --num-groups and MODEL.SMALLBN.BCN.NUM_GROUPS)
 
 
@@ -373,7 +373,7 @@ def test_loads_into_fpn_bottom_up(tmp_path):
 # ---- tests: command line ------------------------------------------------------------------------
 
 def _run(args, cwd):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*COMMAND, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -454,7 +454,7 @@ def test_trust_pickle_reads_checkpoints_with_objects(tmp_path):
 
 @pytest.mark.parametrize("alias", ["same", "relative", "symlink"])
 def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, capsys, monkeypatch, alias):
-    """`convert_weights.py r18.pkl r18.pkl` used to exit 0 and overwrite its input."""
+    """`d2-smallbn-convert r18.pkl r18.pkl` used to exit 0 and overwrite its input."""
     src = tmp_path / "r18.pkl"
     torch.save({"model": resnet18_state("bn")}, src)
     before = src.read_bytes()

@@ -1,25 +1,24 @@
 """Our log lines reach detectron2's log files.
 
-A two-process CPU run (detectron2's ``launch``, gloo) of what ``tools/train_net.py`` runs
-(``d2_smallbn.engine.defaults.main``), with the CBN quickstart config at 1 image per process (the
-config reproduces a 2-images-per-GPU setting), a burn-in given in epochs and an ImageNet-style BN
-checkpoint as MODEL.WEIGHTS. The paper-batch warning must be in ``log.txt`` and ``log.txt.rank1``
+A two-process CPU run of the installed ``d2-smallbn-train`` (detectron2's ``launch``, gloo), with the
+CBN quickstart config at 1 image per process (the config reproduces a 2-images-per-GPU setting), a
+burn-in given in epochs and an ImageNet-style BN checkpoint as MODEL.WEIGHTS. The paper-batch warning must be in ``log.txt`` and ``log.txt.rank1``
 with detectron2's format; the burn-in conversion and the "loaded BatchNorm statistics" lines in
 ``log.txt``.
 """
-import datetime
 import re
 import socket
+import subprocess
 
 import pytest
 import torch
 import torch.distributed as dist
 import torchvision
-from detectron2.engine import default_argument_parser, launch
+
+from commands import installed
 
 from d2_smallbn.convert import convert_file
 from d2_smallbn.data import generate_dataset
-from d2_smallbn.engine.defaults import main
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -36,16 +35,16 @@ def free_port():
 
 def test_two_process_run_writes_our_lines_into_every_ranks_log_file(tmp_path, monkeypatch):
     generate_dataset(tmp_path / "datasets" / "smallbn_shapes", num_train=4, num_val=2)
-    monkeypatch.setenv("D2_SMALLBN_DATASETS", str(tmp_path / "datasets"))  # the spawned workers inherit it
+    monkeypatch.setenv("D2_SMALLBN_DATASETS", str(tmp_path / "datasets"))  # the command inherits it
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     convert_file(str(tmp_path / "r18.pth"), str(tmp_path / "r18.pkl"), target_norm="cbn")
     out = tmp_path / "out"
-    args = default_argument_parser().parse_args([
-        "--config-file", "quickstart/mask_rcnn_R18_FPN_cbn.yaml", "--num-gpus", "2", *TINY,
-        "MODEL.WEIGHTS", str(tmp_path / "r18.pkl"), "MODEL.SMALLBN.CBN.BURNIN_EPOCHS", "1.0",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out)])
-    launch(main, args.num_gpus, dist_url=f"tcp://127.0.0.1:{free_port()}", args=(args,),
-           timeout=datetime.timedelta(minutes=5))
+    command = [*installed("d2-smallbn-train"), "--config-file", "quickstart/mask_rcnn_R18_FPN_cbn.yaml",
+               "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{free_port()}", *TINY,
+               "MODEL.WEIGHTS", str(tmp_path / "r18.pkl"), "MODEL.SMALLBN.CBN.BURNIN_EPOCHS", "1.0",
+               "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     log, rank1 = (out / "log.txt").read_text(), (out / "log.txt.rank1").read_text()
     assert "Starting training from iteration 0" in log  # detectron2's own lines are there too

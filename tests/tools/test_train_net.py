@@ -1,21 +1,20 @@
-"""tools/train_net.py end to end in subprocesses: train 2 iterations with COCO evaluation, resume,
-and --eval-only, from another working directory, on the generated dataset."""
+"""d2-smallbn-train (the installed command) end to end in subprocesses: train 2 iterations with COCO
+evaluation, resume, and --eval-only, from another working directory, on the generated dataset."""
 import json
 import os
 import subprocess
-import sys
+
+from commands import installed
 
 from d2_smallbn.data import generate_dataset
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "tools", "train_net.py")
 TINY = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
         "INPUT.MAX_SIZE_TEST", "128", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # an untrained model still predicts something
 
 
 def run(args, cwd, env, output_dir):
-    proc = subprocess.run([sys.executable, SCRIPT, "--config-file", "quickstart/mask_rcnn_R18_FPN_mabn.yaml",
+    proc = subprocess.run([*installed("d2-smallbn-train"), "--config-file", "quickstart/mask_rcnn_R18_FPN_mabn.yaml",
                            *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return (output_dir / "log.txt").read_text()  # detectron2's log of the run (appended on resume)

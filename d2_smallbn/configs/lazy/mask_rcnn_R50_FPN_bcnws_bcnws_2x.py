@@ -5,7 +5,7 @@ both heads, from the authors' BCN+WS ImageNet R-50 (stem and res2 frozen, stride
 RGB input with ImageNet mean/std); 2 images per GPU x 4 GPUs = 8 per iteration, lr 0.01,
 360,000 iterations, lr /10 at 300,000 and 340,000.
 
-    python tools/lazy_train_net.py --config-file lazy/mask_rcnn_R50_FPN_bcnws_bcnws_2x.py --num-gpus 4
+    d2-smallbn-train --config-file lazy/mask_rcnn_R50_FPN_bcnws_bcnws_2x.py --num-gpus 4
 """
 from .common.mask_rcnn_R50_FPN_4conv1fc import dataloader, model, multistep, optimizer, set_norms, train
 

@@ -4,7 +4,7 @@ schedule conversion). Frozen-BN ImageNet R-50 backbone (stem and res2 frozen), C
 both 4-conv heads, window 4, burn-in 3 epochs; 4 images per GPU x 4 GPUs = 16 per iteration, lr
 0.02, 12 epochs = 87,950 iterations, lr /10 at 65,962 and 80,620; weight decay 1e-4 also on norms.
 
-    python tools/lazy_train_net.py --config-file lazy/mask_rcnn_R50_FPN_cbn.py --num-gpus 4
+    d2-smallbn-train --config-file lazy/mask_rcnn_R50_FPN_cbn.py --num-gpus 4
 """
 from .common.mask_rcnn_R50_FPN_4conv1fc import dataloader, model, multistep, optimizer, set_norms, train
 

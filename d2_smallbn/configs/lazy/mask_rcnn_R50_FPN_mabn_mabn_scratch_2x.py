@@ -5,7 +5,7 @@ the backbone, FPN and both heads (buffer m = 32, heads on batch statistics for 1
 2 images per GPU x 8 GPUs = 16 per iteration, lr 0.02, 2x = 180,000 iterations, lr /10 at 120,000
 and 160,000.
 
-    python tools/lazy_train_net.py --config-file lazy/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.py --num-gpus 8
+    d2-smallbn-train --config-file lazy/mask_rcnn_R50_FPN_mabn_mabn_scratch_2x.py --num-gpus 8
 """
 from .common.mask_rcnn_R50_FPN_4conv1fc import dataloader, model, multistep, optimizer, set_norms, train
 

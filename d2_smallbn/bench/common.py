@@ -1,5 +1,5 @@
-"""Shared pieces of the measurement tools (``tools/benchmark.py``, ``tools/study_cbn_fidelity.py``,
-``tools/study_mabn_premise.py``): robust summaries of per-round ratios, device and contention
+"""Shared pieces of the measurement tools (``d2_smallbn.bench.model``, ``.layers`` and the
+studies): robust summaries of per-round ratios, device and contention
 information, strict JSON output, matplotlib in headless mode, and a small synthetic image
 classification task for the two studies.
 

@@ -1,0 +1,282 @@
+"""Accuracy at micro-batch on the built-in dataset: the quickstart Mask R-CNN (R18-FPN, 4conv1fc
+head, from scratch) trained at 2 images per iteration with BN, GN, CBN, MABN and BCN+WS, and with
+BN at 16 images per iteration (the large-batch reference), for the same iterations, learning rate
+and seeds; box and mask AP on smallbn_shapes_val (COCO evaluation) and the training curves.
+
+Each run is ``d2-smallbn-quickstart`` (``python -m d2_smallbn.quickstart``) in a subprocess (its own output folder under DIR/runs, with
+its log), ``--jobs`` at a time with ``--threads`` torch threads each. A run whose folder already
+holds the results of the same command, with the same resolved config (hyper-parameters of norms the
+run does not use aside), is reused, so an interrupted or extended study redoes only what changed.
+
+Usage:
+    python -m d2_smallbn.bench.study_accuracy [--settings bn,gn,cbn,mabn,bcn_ws,bn_16] [--seeds 0,1]
+        [--reference-seeds 0] [--iters N] [--jobs J] [--threads T] [--out DIR] [--report-only]
+        [KEY VALUE ...]
+
+Trailing KEY VALUE pairs are config overrides passed to every run. Writes DIR/study_accuracy.json,
+DIR/study_accuracy.md (printed too) and DIR/study_accuracy.png.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import available_cores, command_line, device_info, int_list, pyplot, write_json
+from ..quickstart import training_entries
+
+# setting -> (quickstart norm, images per iteration, extra config overrides)
+SETTINGS = {
+    "bn": ("bn", 2, ()),
+    "gn": ("gn", 2, ()),
+    "cbn": ("cbn", 2, ()),
+    "mabn": ("mabn", 2, ()),
+    "bcn_ws": ("bcn_ws", 2, ()),
+    "bn_16": ("bn", 16, ("SOLVER.IMS_PER_BATCH", "16", "MODEL.SMALLBN.PAPER_IMS_PER_GPU", "16")),
+}
+REFERENCE = "bn_16"
+METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("segm", "AP"), ("segm", "AP50"))
+QUICKSTART = ["-m", "d2_smallbn.quickstart"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
+    p.add_argument("--seeds", type=int_list("--seeds", 0, "0,1"), default=[0, 1], help="SEED of each run (default 0,1)")
+    p.add_argument("--reference-seeds", type=int_list("--reference-seeds", 0, "0"), default=None,
+                   help=f"seeds of {REFERENCE}, 8x the compute of the others per run (default: --seeds)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the quickstart config's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)")
+    p.add_argument("--out", type=Path, default=Path("output/study_accuracy"))
+    p.add_argument("--data-root", default=None, help="dataset folder (default: see d2_smallbn.data)")
+    p.add_argument("--num-train", type=int, default=None, help="generated training images (default: dataset default)")
+    p.add_argument("--num-val", type=int, default=None, help="generated validation images")
+    p.add_argument("--hue-spread", type=int, default=None, help="generated dataset's hue spread (default: dataset default)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the requested runs that have finished, list the others")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE pairs")
+    args = p.parse_args(argv)
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown or not args.settings:
+        p.error(f"unknown --settings {unknown or args.settings}; choose from {','.join(SETTINGS)}")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--jobs and --threads must be >= 1")
+    if args.iters is not None and args.iters < 1:
+        p.error(f"--iters must be >= 1, got {args.iters}")
+    if len(args.opts) % 2:
+        p.error(f"config overrides come in KEY VALUE pairs, got {args.opts}")
+    args.threads = args.threads or max(1, available_cores() // args.jobs)
+    return args
+
+
+def run_commands(args):
+    """{(setting, seed): (run folder, command)} in the order they should start: longest first."""
+    common = ["--no-untrained", "--num-vis", "3"]
+    if args.iters is not None:
+        common += ["--iters", str(args.iters)]
+    for flag, value in (("--data-root", args.data_root), ("--num-train", args.num_train), ("--num-val", args.num_val),
+                        ("--hue-spread", args.hue_spread)):
+        if value is not None:
+            common += [flag, str(value)]
+    runs = {}
+    for setting in sorted(args.settings, key=lambda s: -SETTINGS[s][1]):
+        norm, _, overrides = SETTINGS[setting]
+        seeds = args.reference_seeds if setting == REFERENCE and args.reference_seeds else args.seeds
+        for seed in seeds:
+            folder = (args.out / "runs" / f"{setting}_seed{seed}").absolute()
+            cmd = [sys.executable, *QUICKSTART, "--norm", norm, "--output-dir", str(folder), *common,
+                   *args.opts, *overrides, "SEED", str(seed)]
+            runs[(setting, seed)] = (folder, cmd)
+    return runs
+
+
+def effective_config(cfg):
+    """``cfg`` as plain data without the OUTPUT_DIR and the MODEL.SMALLBN sections of norms it does
+    not use: what a finished run's config.yaml must equal for the run to be reused."""
+    import yaml
+
+    from ..config import norm_names
+    from ..norms import NORMS
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    used = norm_names(cfg)
+    for norm in NORMS:
+        if norm not in used:
+            cfg.MODEL.SMALLBN.pop(norm)
+    cfg.OUTPUT_DIR = ""
+    return yaml.safe_load(cfg.dump())  # resolves the YAML anchors that dump() may write
+
+
+def finished(folder, cmd):
+    """Whether ``folder`` holds the results of ``cmd`` run with the current config files."""
+    from detectron2.config import CfgNode
+
+    from ..quickstart import build_cfg, parse_args
+
+    try:
+        done = json.loads((folder / "study_run.json").read_text())
+        if done["command"][1:] != cmd[1:] or not (folder / "results.json").is_file():
+            return False
+        saved = CfgNode.load_yaml_with_base(str(folder / "config.yaml"))
+    except (OSError, ValueError, KeyError):
+        return False
+    args = parse_args(cmd[1 + len(QUICKSTART):])
+    return effective_config(CfgNode(saved)) == effective_config(build_cfg(args, args.data_root))
+
+
+def execute(runs, jobs, threads):
+    """Runs every command not already finished, ``jobs`` at a time; returns {key: error or None}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pending = [k for k, (folder, cmd) in runs.items() if not finished(folder, cmd)]
+    for key in runs:
+        if key not in pending:
+            print(f"reusing {runs[key][0]}", flush=True)
+    active, errors = {}, {}
+    while pending or active:
+        while pending and len(active) < jobs:
+            key = pending.pop(0)
+            folder, cmd = runs[key]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "study_run.json").unlink(missing_ok=True)
+            log = open(folder / "log.txt", "w")
+            print(f"start {key[0]} seed {key[1]} -> {folder}/log.txt", flush=True)
+            active[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()),
+                           log, time.time())
+        time.sleep(1)
+        for key, (proc, log, started) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del active[key]
+            folder, cmd = runs[key]
+            if proc.returncode == 0:
+                write_json(folder / "study_run.json", {"command": cmd, "seconds": round(time.time() - started, 1),
+                                                       "threads": threads, "jobs": jobs})
+                errors[key] = None
+            else:
+                errors[key] = f"exit code {proc.returncode}; see {folder / 'log.txt'}"
+            print(f"done {key[0]} seed {key[1]}: {errors[key] or 'ok'} ({time.time() - started:.0f} s)", flush=True)
+    return errors
+
+
+def collect(runs):
+    """Per setting: per-seed APs, their mean and range, seconds per iteration, and the loss curves."""
+    report = {}
+    for (setting, seed), (folder, _) in runs.items():
+        results = json.loads((folder / "results.json").read_text())
+        done = json.loads((folder / "study_run.json").read_text())
+        entries = training_entries(folder / "metrics.json")
+        times = [e["time"] for e in entries if "time" in e]
+        entry = report.setdefault(setting, {"images_per_iteration": results["images_per_iteration"],
+                                            "iterations": results["iterations"], "seeds": {}})
+        entry["seeds"][seed] = {"ap": results["results"]["trained"], "curve": {"iteration": [e["iteration"] for e in entries],
+                                          "total_loss": [e["total_loss"] for e in entries]},
+                                "seconds_per_iteration": statistics.median(times) if times else None,
+                                # how the run was executed: its torch threads, and how many runs shared the machine
+                                "threads": done.get("threads"), "jobs": done.get("jobs")}
+    for entry in report.values():
+        for task, key in METRICS:
+            values = [s["ap"][task][key] for s in entry["seeds"].values()]
+            entry[f"{task}_{key}"] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                                      "values": values}
+    return report
+
+
+def spread(m):
+    return f"{m['mean']:.1f}" if len(m["values"]) == 1 else f"{m['mean']:.1f} ({m['min']:.1f}-{m['max']:.1f})"
+
+
+def table(report):
+    lines = ["| setting | images / iter | seeds | box AP | box AP50 | mask AP | mask AP50 | s / iter |",
+             "|---|---|---|---|---|---|---|---|"]
+    for setting, e in report.items():
+        times = [s["seconds_per_iteration"] for s in e["seeds"].values() if s["seconds_per_iteration"]]
+        cells = " | ".join(spread(e[f"{task}_{key}"]) for task, key in METRICS)
+        speed = f"{statistics.median(times):.2f}" if times else "-"
+        lines.append(f"| {setting} | {e['images_per_iteration']} | {len(e['seeds'])} | {cells} | {speed} |")
+    return "\n".join(lines)
+
+
+def smooth(values, width=3):
+    out, acc = [], []
+    for v in values:
+        acc = (acc + [v])[-width:]
+        out.append(statistics.fmean(acc))
+    return out
+
+
+def plot(report, path):
+    plt = pyplot()
+    fig, (ax_ap, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = list(report)
+    for i, name in enumerate(names):
+        for j, (task, colour) in enumerate((("bbox", "tab:blue"), ("segm", "tab:orange"))):
+            m = report[name][f"{task}_AP"]
+            x = i + (j - 0.5) * 0.35
+            ax_ap.bar(x, m["mean"], width=0.35, color=colour, alpha=0.6,
+                      label=("box AP" if task == "bbox" else "mask AP") if i == 0 else None)
+            ax_ap.scatter([x] * len(m["values"]), m["values"], color="k", s=10, zorder=3)
+    ax_ap.set_xticks(range(len(names)), [f"{n}\n({report[n]['images_per_iteration']} img/it)" for n in names])
+    ax_ap.set(ylabel="AP on smallbn_shapes_val", title="COCO AP (bars: mean over seeds; dots: seeds)")
+    ax_ap.legend()
+    for name in names:
+        for k, s in enumerate(report[name]["seeds"].values()):
+            ax_loss.plot(s["curve"]["iteration"], smooth(s["curve"]["total_loss"]), lw=1,
+                                 label=name if k == 0 else None,
+                                 color=None if k == 0 else ax_loss.get_lines()[-1].get_color())
+    ax_loss.set(xlabel="iteration", ylabel="total loss (running mean of 3 logged values)", yscale="log", title="training loss")
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    import torch
+
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = run_commands(args)
+    print(f"{len(runs)} runs, {args.jobs} at a time with {args.threads} threads each", flush=True)
+    started = time.time()
+    missing = []
+    if args.report_only:
+        missing = [key for key, (folder, cmd) in runs.items() if not finished(folder, cmd)]
+        runs = {key: run for key, run in runs.items() if key not in missing}
+        if not runs:
+            print("no finished runs to report", file=sys.stderr)
+            return 1
+    else:
+        errors = execute(runs, args.jobs, args.threads)
+        failed = {k: e for k, e in errors.items() if e}
+        if failed:
+            for (setting, seed), error in failed.items():
+                print(f"FAILED {setting} seed {seed}: {error}", file=sys.stderr)
+            return 1
+    report = collect(runs)
+    markdown = table(report)
+    if missing:
+        markdown += "\n\nNot finished (not in the table): " + ", ".join(f"{k[0]} seed {k[1]}" for k in missing)
+    write_json(args.out / "study_accuracy.json", {
+        "command": command_line(), "report_only": args.report_only,
+        # this invocation's; each run's own are in its seed entry
+        "jobs": None if args.report_only else args.jobs,
+        "threads_per_job": None if args.report_only else args.threads,
+        "device": device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "wall_seconds": round(time.time() - started, 1),
+        "config_overrides": args.opts, "settings": report, "not_finished": [list(k) for k in missing]})
+    (args.out / "study_accuracy.md").write_text(markdown + "\n")
+    plot(report, args.out / "study_accuracy.png")
+    print(markdown)
+    print(f"\nWrote {args.out / 'study_accuracy.json'}, {args.out / 'study_accuracy.md'}, {args.out / 'study_accuracy.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

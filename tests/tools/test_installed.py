@@ -1,0 +1,88 @@
+"""What a pip user gets: ``pip install .`` (not editable) into a fresh venv, then, from a folder
+outside the checkout, every console script's ``--help`` and the main job ``d2-smallbn-quickstart
+--iters 20`` end to end. The venv sees the test interpreter's dependencies (torch, detectron2, ...)
+through a .pth file, but not the checkout."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REQUIRED = {"d2-smallbn-train", "d2-smallbn-eval", "d2-smallbn-convert", "d2-smallbn-dataset",
+            "d2-smallbn-quickstart", "d2-smallbn-demo"}
+SCRIPTS = ("from importlib.metadata import distribution\n"
+           "print('\\n'.join(e.name for e in distribution('d2_smallbn').entry_points if e.group == 'console_scripts'))")
+
+
+def dependency_sites():
+    """The site folders the test interpreter imports its dependencies from, its own one excluded
+    (that one holds the checkout's editable install)."""
+    own = os.path.realpath(sysconfig.get_paths()["purelib"])
+    return [p for p in sys.path if p.endswith("site-packages") and os.path.realpath(p) != own and os.path.isdir(p)]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("installed")
+    source = root / "source"  # a copy, so that building leaves nothing in the checkout
+    shutil.copy(REPO_ROOT / "setup.py", source.mkdir() or source / "setup.py")
+    shutil.copytree(REPO_ROOT / "d2_smallbn", source / "d2_smallbn", ignore=shutil.ignore_patterns("__pycache__"))
+    env_dir = root / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "test_dependencies.pth").write_text("\n".join(dependency_sites()) + "\n")
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                              "--no-build-isolation", str(source)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    work = root / "elsewhere"
+    work.mkdir()
+    return env_dir, work, Path(site)
+
+
+def run(command, cwd, timeout=300, **env):
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env, "PYTHONPATH": ""})
+
+
+def test_the_package_is_installed_as_a_copy_with_every_command(venv):
+    env_dir, work, site = venv
+    where = run([str(env_dir / "bin" / "python"), "-c", "import d2_smallbn; print(d2_smallbn.__file__)"], work)
+    assert where.returncode == 0 and where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+    listed = run([str(env_dir / "bin" / "python"), "-c", SCRIPTS], work)
+    scripts = set(listed.stdout.split())
+    assert REQUIRED <= scripts, listed.stdout + listed.stderr
+    for name in sorted(scripts):
+        proc = run([str(env_dir / "bin" / name), "--help"], work)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: "), (name, proc.stdout[-2000:],
+                                                                            proc.stderr[-2000:])
+        module = {"d2-smallbn-eval": "d2_smallbn.evaluation", "d2-smallbn-convert": "d2_smallbn.convert",
+                  "d2-smallbn-quickstart": "d2_smallbn.quickstart", "d2-smallbn-demo": "d2_smallbn.demo",
+                  "d2-smallbn-train": "d2_smallbn.train_net", "d2-smallbn-dataset": "d2_smallbn.data"}.get(name)
+        if module:  # the same command as python -m
+            same = run([str(env_dir / "bin" / "python"), "-m", module, "--help"], work)
+            options = [help_text.split("\n\n", 1)[1] for help_text in (same.stdout, proc.stdout)]
+            assert same.returncode == 0 and options[0] == options[1], name
+
+
+def test_quickstart_runs_end_to_end_from_another_folder(venv):
+    env_dir, work, _ = venv
+    proc = run([str(env_dir / "bin" / "d2-smallbn-quickstart"), "--iters", "20"], work, timeout=600,
+               D2_SMALLBN_DATASETS=str(work / "datasets"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = work / "output" / "quickstart_cbn"
+    results = json.loads((out / "results.json").read_text())
+    assert results["iterations"] == 20 and set(results["results"]) == {"trained", "untrained"}
+    for run_name in ("trained", "untrained"):
+        for task in ("bbox", "segm"):
+            ap = results["results"][run_name][task]["AP"]
+            assert 0.0 <= ap <= 100.0, (run_name, task, ap)
+    for name in ("predictions.png", "curves.png", "metrics.json", "model_final.pth", "log.txt"):
+        assert (out / name).is_file(), name
+    assert (work / "datasets" / "smallbn_shapes" / "annotations" / "instances_val.json").is_file()
