@@ -10,15 +10,18 @@ detectron2's Visualizer), curves.png (losses and learning rate), and the model c
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
 
 import numpy as np
 
-NORM_CONFIGS = {n: f"quickstart/mask_rcnn_R18_FPN_{n}.yaml" for n in ("cbn", "mabn", "bcn_ws", "gn", "bn")}
+NORM_CONFIGS = {n: f"quickstart/mask_rcnn_R18_FPN_{n}.yaml" for n in ("cbn", "mabn", "bcn_ws", "brn", "gn", "bn", "syncbn")}
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TOP_PREDICTIONS = 5  # drawn per image, with their scores: a short run is not yet confident
+SPREAD_LAYER = "backbone.bottom_up.res3.0.conv1.norm"  # whose per-process statistics are compared
+SPREAD_PERIOD = 20  # detectron2's writer period
 logger = logging.getLogger("d2_smallbn.quickstart")
 
 
@@ -33,6 +36,11 @@ def parse_args(argv=None):
     p.add_argument("--hue-spread", type=int, default=None, help="generated dataset's hue spread (default: dataset default)")
     p.add_argument("--num-vis", type=int, default=6, help="validation images drawn in predictions.png")
     p.add_argument("--no-untrained", action="store_true", help="skip evaluating the untrained model")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes (detectron2's launch; on CPU, gloo): each computes its norms' statistics "
+                        "on its own images, as one GPU would; SOLVER.IMS_PER_BATCH is split over them (default: 1)")
+    p.add_argument("--dist-url", default="auto", help="detectron2's launch URL with --num-gpus > 1 (default: a free "
+                                                        "local port)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return p.parse_args(argv)
 
@@ -59,7 +67,12 @@ def output_dir(args):
 
 
 def coco_ap(results):
-    return {task: {k: float(results[task][k]) for k in AP_KEYS} for task in ("bbox", "segm") if task in results}
+    """Box and mask AP from detectron2's evaluation results; None where COCO gives none (nan: no
+    prediction at all; a task missing: no prediction had that output)."""
+    def finite(value):
+        return None if value is None or math.isnan(value) else float(value)
+
+    return {task: {k: finite(results.get(task, {}).get(k)) for k in AP_KEYS} for task in ("bbox", "segm")}
 
 
 def ap_table(rows):
@@ -67,8 +80,9 @@ def ap_table(rows):
     header = "| model | " + " | ".join(f"box {k}" for k in AP_KEYS) + " | mask AP | mask AP50 |"
     lines = [header, "|" + "---|" * (len(AP_KEYS) + 3)]
     for name, ap in rows.items():
-        box = " | ".join(f"{ap['bbox'][k]:.1f}" for k in AP_KEYS)
-        lines.append(f"| {name} | {box} | {ap['segm']['AP']:.1f} | {ap['segm']['AP50']:.1f} |")
+        cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        box = " | ".join(cell(ap["bbox"][k]) for k in AP_KEYS)
+        lines.append(f"| {name} | {box} | {cell(ap['segm']['AP'])} | {cell(ap['segm']['AP50'])} |")
     return "\n".join(lines)
 
 
@@ -102,8 +116,9 @@ def draw_predictions(cfg, model, dataset_name, path, count):
     return path
 
 
-def training_entries(metrics_json):
-    """The training entries (those with losses) of detectron2's metrics.json, as the latest run saw them.
+def training_entries(metrics_json, key="total_loss"):
+    """The training entries (those with ``key``: losses by default) of detectron2's metrics.json, as
+    the latest run saw them.
 
     detectron2 appends to metrics.json, so a folder trained twice holds both runs, and a resumed
     run repeats iterations after its checkpoint. An entry replaces every earlier one at the same or
@@ -112,12 +127,12 @@ def training_entries(metrics_json):
     with open(metrics_json) as f:
         entries = [json.loads(line) for line in f if line.strip()]
     kept = []
-    for entry in (e for e in entries if "total_loss" in e):
+    for entry in (e for e in entries if key in e):
         while kept and kept[-1]["iteration"] >= entry["iteration"]:
             kept.pop()
         kept.append(entry)
     if not kept:
-        raise ValueError(f"{metrics_json} has no training entries (was training interrupted?)")
+        raise ValueError(f"{metrics_json} has no entries with {key} (was training interrupted?)")
     return kept
 
 
@@ -146,41 +161,61 @@ def draw_curves(metrics_json, path):
 
 
 def main(argv=None):
-    from detectron2.utils.logger import setup_logger
+    from detectron2.engine import launch
 
-    from detectron2.utils.env import seed_all_rng
-
-    from .data import default_root, generate_dataset, register_shapes
-    from .engine.defaults import setup_smallbn_logger
+    from .data import default_root, generate_dataset
 
     args = parse_args(argv)
-    out = output_dir(args)
-    os.makedirs(out, exist_ok=True)
-    for name in ("fvcore", "detectron2"):  # as detectron2's default_setup: stdout and OUTPUT_DIR/log.txt
-        setup_logger(out, name=name)
-    setup_smallbn_logger(out)
+    if args.num_gpus < 1:
+        raise SystemExit(f"--num-gpus must be >= 1, got {args.num_gpus}")
     start = time.time()
     root = args.data_root or default_root()
     generation = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val),
                                 ("hue_spread", args.hue_spread)) if v is not None}
-    generate_dataset(root, **generation)
+    generate_dataset(root, **generation)  # once, before any process starts
+    launch(run_job, args.num_gpus, dist_url=args.dist_url, args=(args, root, start))
+    return 0
+
+
+def run_job(args, root, start):
+    """Train, evaluate and (main process) write the results: one call per process."""
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.logger import setup_logger
+
+    from .data import register_shapes
+    from .engine import SmallBNTrainer
+    from .engine.defaults import setup_smallbn_logger
+    from .engine.hooks import BatchStatisticsSpread, unwrap
+
+    out = output_dir(args)
+    os.makedirs(out, exist_ok=True)
+    rank = comm.get_rank()
+    for name in ("fvcore", "detectron2"):  # as detectron2's default_setup: stdout and OUTPUT_DIR/log.txt
+        setup_logger(out, distributed_rank=rank, name=name)
+    setup_smallbn_logger(out)
     register_shapes(root)
     cfg = build_cfg(args, root)
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # weights and data order, as detectron2's default_setup does
-    from .engine import SmallBNTrainer
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)  # as detectron2's default_setup does
 
-    logger.info("Training %s for %d iterations -> %s", NORM_CONFIGS[args.norm], cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR)
+    logger.info("Training %s for %d iterations on %d process(es) -> %s", NORM_CONFIGS[args.norm],
+                cfg.SOLVER.MAX_ITER, comm.get_world_size(), cfg.OUTPUT_DIR)
     trainer = SmallBNTrainer(cfg)
+    if comm.get_world_size() > 1:  # how far the processes' statistics disagree, in metrics.json
+        trainer.register_hooks([BatchStatisticsSpread(SPREAD_LAYER, period=SPREAD_PERIOD)])
     trainer.resume_or_load(resume=False)
     trainer.train()
     train_seconds = time.time() - start
-    results = {"trained": coco_ap(trainer._last_eval_results)}
+    results = {"trained": trainer._last_eval_results}
     if not args.no_untrained:
-        untrained = SmallBNTrainer.build_model(cfg)
-        results["untrained"] = coco_ap(SmallBNTrainer.test(cfg, untrained))
+        torch_seed(cfg.SEED)  # the same untrained model in every process
+        results["untrained"] = SmallBNTrainer.test(cfg, SmallBNTrainer.build_model(cfg))
+    if not comm.is_main_process():
+        return
+    results = {k: coco_ap(v) for k, v in results.items()}
     files = {
         "results": os.path.join(cfg.OUTPUT_DIR, "results.json"),
-        "predictions": draw_predictions(cfg, trainer.model, cfg.DATASETS.TEST[0],
+        "predictions": draw_predictions(cfg, unwrap(trainer.model), cfg.DATASETS.TEST[0],
                                         os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.num_vis),
         "curves": draw_curves(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), os.path.join(cfg.OUTPUT_DIR, "curves.png")),
         "training log": os.path.join(cfg.OUTPUT_DIR, "metrics.json"),
@@ -192,9 +227,9 @@ def main(argv=None):
     with open(files["config"], "w") as f:
         f.write(cfg.dump())
     summary = {"norm": args.norm, "config": NORM_CONFIGS[args.norm], "iterations": cfg.SOLVER.MAX_ITER,
-               "images_per_iteration": cfg.SOLVER.IMS_PER_BATCH, "seed": cfg.SEED,
-               "wall_seconds": round(time.time() - start, 1), "train_and_eval_seconds": round(train_seconds, 1),
-               "results": results}
+               "images_per_iteration": cfg.SOLVER.IMS_PER_BATCH, "processes": comm.get_world_size(),
+               "seed": cfg.SEED, "wall_seconds": round(time.time() - start, 1),
+               "train_and_eval_seconds": round(train_seconds, 1), "results": results}
     with open(files["results"], "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     labels = {"trained": f"{args.norm}, {cfg.SOLVER.MAX_ITER} iterations", "untrained": f"{args.norm}, untrained"}
@@ -202,7 +237,12 @@ def main(argv=None):
     print(f"\nTotal time {summary['wall_seconds']:.0f} s. Outputs:")
     for name, path in files.items():
         print(f"  {name:14s} {path}")
-    return 0
+
+
+def torch_seed(seed):
+    import torch
+
+    torch.manual_seed(seed if seed >= 0 else 0)
 
 
 if __name__ == "__main__":

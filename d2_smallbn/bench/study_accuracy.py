@@ -1,20 +1,35 @@
 """Accuracy at micro-batch on the built-in dataset: the quickstart Mask R-CNN (R18-FPN, 4conv1fc
-head, from scratch) trained at 2 images per iteration with BN, GN, CBN, MABN and BCN+WS, and with
-BN at 16 images per iteration (the large-batch reference), for the same iterations, learning rate
-and seeds; box and mask AP on smallbn_shapes_val (COCO evaluation) and the training curves.
+head, from scratch, the norm in backbone, FPN and both heads), box and mask AP on smallbn_shapes_val
+(COCO evaluation) and the training curves, per norm and seed. Two regimes:
 
-Each run is ``d2-smallbn-quickstart`` (``python -m d2_smallbn.quickstart``) in a subprocess (its own output folder under DIR/runs, with
-its log), ``--jobs`` at a time with ``--threads`` torch threads each. A run whose folder already
-holds the results of the same command, with the same resolved config (hyper-parameters of norms the
-run does not use aside), is reused, so an interrupted or extended study redoes only what changed.
+- ``--gpus 1`` (default): one process at 2 images per iteration with BN, GN, CBN, MABN and BCN+WS,
+  and BN at 16 images per iteration (the large-batch reference), for the same iterations, learning
+  rate and seeds.
+- ``--gpus G`` (G > 1), the papers' regime: G processes (detectron2's ``launch``; gloo on CPU)
+  with ``--images-per-gpu n`` images each, total batch G*n. Each process computes its norms'
+  statistics on its own n images, exactly as one of G GPUs would, and DDP averages the gradients.
+  Settings: BN (per process), syncbn (detectron2's naiveSyncBN: statistics over all G*n images,
+  the reference), GN, CBN, MABN, BCN+WS and BRN. The schedule follows ``per_gpu_schedule``: the
+  quickstart's learning rate scaled linearly with the total batch, its LR warmup kept in images,
+  and each method's own iteration counts taken from its paper's rules, scaled to the schedule.
+  Each run records how far the processes' batch statistics disagree (``BatchStatisticsSpread``).
+
+Each run is ``d2-smallbn-quickstart`` (``python -m d2_smallbn.quickstart``) in a subprocess (its
+own output folder under DIR/runs, with its log), ``--jobs`` at a time with ``--threads`` torch
+threads per process. A run whose folder already holds the results of the same command, with the
+same resolved config (hyper-parameters of norms the run does not use aside), is reused, so an
+interrupted or extended study redoes only what changed; an interrupted run is rerun, never reported.
 
 Usage:
     python -m d2_smallbn.bench.study_accuracy [--settings bn,gn,cbn,mabn,bcn_ws,bn_16] [--seeds 0,1]
         [--reference-seeds 0] [--iters N] [--jobs J] [--threads T] [--out DIR] [--report-only]
         [KEY VALUE ...]
+    python -m d2_smallbn.bench.study_accuracy --gpus 4 --images-per-gpu 1 --iters 500 --seeds 0,1
+        [--settings bn,syncbn,gn,cbn,mabn,bcn_ws,brn] ...
 
 Trailing KEY VALUE pairs are config overrides passed to every run. Writes DIR/study_accuracy.json,
-DIR/study_accuracy.md (printed too) and DIR/study_accuracy.png.
+DIR/study_accuracy.md (printed too) and DIR/study_accuracy.png (DIR: output/study_accuracy, or
+output/study_per_gpu_GxN in the per-GPU regime).
 """
 import argparse
 import json
@@ -38,20 +53,33 @@ SETTINGS = {
     "bn_16": ("bn", 16, ("SOLVER.IMS_PER_BATCH", "16", "MODEL.SMALLBN.PAPER_IMS_PER_GPU", "16")),
 }
 REFERENCE = "bn_16"
+# the per-GPU regime: setting -> quickstart norm (syncbn: detectron2's naiveSyncBN)
+PER_GPU_SETTINGS = {name: name for name in ("bn", "syncbn", "gn", "cbn", "mabn", "bcn_ws", "brn")}
+# Default schedule: the longest whose 14 runs (7 settings x 2 seeds at 4 x 1 images) fit about 2.5 hours
+# on 2 cores: a measured BCN+WS run took 1.30 s per iteration plus 27 s (start, evaluation).
+PER_GPU_ITERS = 400
+PROCESSES_PER_CORE = 2  # the most study processes per core (one torch thread each)
+SPREAD_KEY = "stats_spread/batch_mean_var_rel"
 METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("segm", "AP"), ("segm", "AP50"))
 QUICKSTART = ["-m", "d2_smallbn.quickstart"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
+    p.add_argument("--settings", default=None,
+                   help=f"comma-separated subset of {','.join(SETTINGS)} (--gpus 1) or of "
+                        f"{','.join(PER_GPU_SETTINGS)} (--gpus > 1); default: all")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="processes per run, each a GPU of the papers' setting (default 1: the 2-image regime)")
+    p.add_argument("--images-per-gpu", type=int, default=1, help="images per process with --gpus > 1 (default 1)")
     p.add_argument("--seeds", type=int_list("--seeds", 0, "0,1"), default=[0, 1], help="SEED of each run (default 0,1)")
     p.add_argument("--reference-seeds", type=int_list("--reference-seeds", 0, "0"), default=None,
                    help=f"seeds of {REFERENCE}, 8x the compute of the others per run (default: --seeds)")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the quickstart config's)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)")
-    p.add_argument("--out", type=Path, default=Path("output/study_accuracy"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: output/study_accuracy, or output/study_per_gpu_GxN with --gpus G > 1")
     p.add_argument("--data-root", default=None, help="dataset folder (default: see d2_smallbn.data)")
     p.add_argument("--num-train", type=int, default=None, help="generated training images (default: dataset default)")
     p.add_argument("--num-val", type=int, default=None, help="generated validation images")
@@ -60,30 +88,89 @@ def parse_args(argv=None):
                    help="train nothing: report the requested runs that have finished, list the others")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE pairs")
     args = p.parse_args(argv)
-    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if args.gpus < 1 or args.images_per_gpu < 1:
+        p.error(f"--gpus and --images-per-gpu must be >= 1, got {args.gpus} and {args.images_per_gpu}")
+    valid = PER_GPU_SETTINGS if args.gpus > 1 else SETTINGS
+    args.settings = [s.strip() for s in (args.settings or ",".join(valid)).split(",") if s.strip()]
+    unknown = sorted(set(args.settings) - set(valid))
     if unknown or not args.settings:
-        p.error(f"unknown --settings {unknown or args.settings}; choose from {','.join(SETTINGS)}")
+        p.error(f"unknown --settings {unknown or args.settings} for --gpus {args.gpus}; choose from {','.join(valid)}")
     if args.jobs < 1 or (args.threads is not None and args.threads < 1):
         p.error("--jobs and --threads must be >= 1")
+    limit = PROCESSES_PER_CORE * available_cores()
+    if args.gpus * args.jobs > limit:
+        choices = [g for g in range(1, limit + 1) if g * args.jobs <= limit]
+        p.error(f"--gpus {args.gpus} x --jobs {args.jobs} = {args.gpus * args.jobs} processes, but this machine runs "
+                f"at most {limit} ({PROCESSES_PER_CORE} per core, {available_cores()} cores): with --jobs {args.jobs} "
+                f"choose --gpus from {choices[0]}-{choices[-1]}" if choices else
+                f"--jobs {args.jobs} alone exceeds the {limit} processes this machine runs")
+    if args.out is None:
+        args.out = Path("output/study_accuracy" if args.gpus == 1 else
+                        f"output/study_per_gpu_{args.gpus}x{args.images_per_gpu}")
     if args.iters is not None and args.iters < 1:
         p.error(f"--iters must be >= 1, got {args.iters}")
     if len(args.opts) % 2:
         p.error(f"config overrides come in KEY VALUE pairs, got {args.opts}")
-    args.threads = args.threads or max(1, available_cores() // args.jobs)
+    args.threads = args.threads or max(1, available_cores() // (args.jobs * args.gpus))
     return args
+
+
+def per_gpu_schedule(gpus, images_per_gpu, iters):
+    """The per-GPU regime's config overrides, and how each was chosen (printed into the report).
+
+    From the quickstart (2 images per iteration, lr 0.01, LR warmup 100 iterations = 200 images,
+    lr /10 at 80% of the schedule): the learning rate scales linearly with the total batch
+    (Goyal et al.), the LR warmup stays at 200 images, the step at 80%. Each method's own
+    iteration counts follow its paper's rule, scaled from the paper's schedule to ``iters``:
+    CBN window k with k x images per GPU = 16 and burn-in 3 of 12 epochs (25%); MABN's 100
+    iterations of batch statistics (backbone, FPN) and 1,000 without clipping, of 180,000, and
+    the heads' 10,000 of 180,000, none below its 16-iteration buffer; BRN's ramp in Ioffe's step
+    counts (5,000 / 25,000 / 40,000) taken as fractions of the MABN paper's 180,000."""
+    total = gpus * images_per_gpu
+    def of(paper_iters, paper_total, floor=0):
+        return max(floor, round(iters * paper_iters / paper_total))
+
+    rules = {
+        "SOLVER.IMS_PER_BATCH": (total, f"{gpus} processes x {images_per_gpu} images"),
+        "MODEL.SMALLBN.PAPER_IMS_PER_GPU": (images_per_gpu, "the per-process batch this study reproduces"),
+        "SOLVER.MAX_ITER": (iters, "the schedule"),
+        "SOLVER.BASE_LR": (0.01 * total / 2, "quickstart's 0.01 at 2 images, scaled linearly with the total batch"),
+        "SOLVER.WARMUP_ITERS": (min(round(200 / total), iters - 1), "the quickstart's LR warmup of 200 images"),
+        "SOLVER.STEPS": (tuple(s for s in (round(0.8 * iters),) if 0 < s < iters), "lr /10 at 80%, as the quickstart"),
+        "MODEL.SMALLBN.CBN.WINDOW_SIZE": (max(1, round(16 / images_per_gpu)), "k x images per GPU = 16 (CBN paper)"),
+        "MODEL.SMALLBN.CBN.BURNIN_ITERS": (of(3, 12), "3 of 12 epochs (CBN paper's COCO burn-in)"),
+        "MODEL.SMALLBN.MABN.WARMUP_ITERS": (of(100, 180000, 16), "100 of 180k iterations, at least the 16-buffer"),
+        "MODEL.SMALLBN.MABN.FPN_WARMUP_ITERS": (of(100, 180000, 16), "as the backbone"),
+        "MODEL.SMALLBN.MABN.HEADS_WARMUP_ITERS": (of(10000, 180000, 16), "10k of 180k iterations (MABN appendix B.3)"),
+        "MODEL.SMALLBN.MABN.CLIP_WARMUP_ITERS": (of(1000, 180000, 16), "r = 1 for 1,000 of 180k iterations"),
+        "MODEL.SMALLBN.BRN.WARMUP_ITERS": (of(5000, 180000), "plain BN for Ioffe's 5,000 of 180k"),
+        "MODEL.SMALLBN.BRN.D_MAX_ITERS": (of(25000, 180000), "d_max 5 reached at 25,000 of 180k"),
+        "MODEL.SMALLBN.BRN.R_MAX_ITERS": (of(40000, 180000), "r_max 3 reached at 40,000 of 180k"),
+    }
+    opts = [str(x) for key, (value, _) in rules.items() for x in (key, value)]
+    return opts, {key: {"value": value, "rule": why} for key, (value, why) in rules.items()}
 
 
 def run_commands(args):
     """{(setting, seed): (run folder, command)} in the order they should start: longest first."""
     common = ["--no-untrained", "--num-vis", "3"]
-    if args.iters is not None:
-        common += ["--iters", str(args.iters)]
     for flag, value in (("--data-root", args.data_root), ("--num-train", args.num_train), ("--num-val", args.num_val),
                         ("--hue-spread", args.hue_spread)):
         if value is not None:
             common += [flag, str(value)]
     runs = {}
+    if args.gpus > 1:  # the schedule is given as config keys (quickstart's --iters would rescale them)
+        schedule, _ = per_gpu_schedule(args.gpus, args.images_per_gpu, args.iters or PER_GPU_ITERS)
+        common += ["--num-gpus", str(args.gpus)]
+        for seed in args.seeds:  # every setting's first seed first: a partial study covers every setting
+            for setting in args.settings:
+                folder = (args.out / "runs" / f"{setting}_seed{seed}").absolute()
+                runs[(setting, seed)] = (folder, [sys.executable, *QUICKSTART, "--norm", PER_GPU_SETTINGS[setting],
+                                                  "--output-dir", str(folder), *common, *schedule, *args.opts,
+                                                  "SEED", str(seed)])
+        return runs
+    if args.iters is not None:
+        common += ["--iters", str(args.iters)]
     for setting in sorted(args.settings, key=lambda s: -SETTINGS[s][1]):
         norm, _, overrides = SETTINGS[setting]
         seeds = args.reference_seeds if setting == REFERENCE and args.reference_seeds else args.seeds
@@ -174,32 +261,55 @@ def collect(runs):
         entries = training_entries(folder / "metrics.json")
         times = [e["time"] for e in entries if "time" in e]
         entry = report.setdefault(setting, {"images_per_iteration": results["images_per_iteration"],
+                                            "processes": results.get("processes", 1),
                                             "iterations": results["iterations"], "seeds": {}})
         entry["seeds"][seed] = {"ap": results["results"]["trained"], "curve": {"iteration": [e["iteration"] for e in entries],
                                           "total_loss": [e["total_loss"] for e in entries]},
                                 "seconds_per_iteration": statistics.median(times) if times else None,
                                 # how the run was executed: its torch threads, and how many runs shared the machine
-                                "threads": done.get("threads"), "jobs": done.get("jobs")}
+                                "threads": done.get("threads"), "jobs": done.get("jobs"),
+                                "batch_mean_spread": statistics_spread(folder / "metrics.json")}
     for entry in report.values():
         for task, key in METRICS:
-            values = [s["ap"][task][key] for s in entry["seeds"].values()]
-            entry[f"{task}_{key}"] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            values = [s["ap"][task][key] for s in entry["seeds"].values()]  # None: the run predicted nothing
+            known = [v for v in values if v is not None]
+            entry[f"{task}_{key}"] = {"mean": statistics.fmean(known) if known else None,
+                                      "min": min(known, default=None), "max": max(known, default=None),
                                       "values": values}
     return report
 
 
+def statistics_spread(metrics_json):
+    """The run's mean of ``BatchStatisticsSpread``'s records (None with one process)."""
+    try:
+        entries = training_entries(metrics_json, key=SPREAD_KEY)
+    except ValueError:
+        return None
+    return {"relative": statistics.fmean(e[SPREAD_KEY] for e in entries),
+            "absolute": statistics.fmean(e[SPREAD_KEY.replace("_rel", "")] for e in entries), "records": len(entries)}
+
+
 def spread(m):
-    return f"{m['mean']:.1f}" if len(m["values"]) == 1 else f"{m['mean']:.1f} ({m['min']:.1f}-{m['max']:.1f})"
+    if m["mean"] is None:
+        return "-"
+    text = f"{m['mean']:.1f}" if len(m["values"]) == 1 else f"{m['mean']:.1f} ({m['min']:.1f}-{m['max']:.1f})"
+    return text + "*" * (None in m["values"])  # *: a seed predicted nothing (not in the mean)
 
 
 def table(report):
-    lines = ["| setting | images / iter | seeds | box AP | box AP50 | mask AP | mask AP50 | s / iter |",
-             "|---|---|---|---|---|---|---|---|"]
+    per_gpu = any(e["processes"] > 1 for e in report.values())
+    lines = ["| setting | images / iter | seeds | box AP | box AP50 | mask AP | mask AP50 | s / iter |"
+             + (" processes | batch-mean spread (rel.) |" if per_gpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if per_gpu else "")]
     for setting, e in report.items():
         times = [s["seconds_per_iteration"] for s in e["seeds"].values() if s["seconds_per_iteration"]]
         cells = " | ".join(spread(e[f"{task}_{key}"]) for task, key in METRICS)
         speed = f"{statistics.median(times):.2f}" if times else "-"
-        lines.append(f"| {setting} | {e['images_per_iteration']} | {len(e['seeds'])} | {cells} | {speed} |")
+        line = f"| {setting} | {e['images_per_iteration']} | {len(e['seeds'])} | {cells} | {speed} |"
+        if per_gpu:
+            spreads = [s["batch_mean_spread"]["relative"] for s in e["seeds"].values() if s["batch_mean_spread"]]
+            line += f" {e['processes']} | {statistics.fmean(spreads):.4f} |" if spreads else f" {e['processes']} | - |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -219,9 +329,10 @@ def plot(report, path):
         for j, (task, colour) in enumerate((("bbox", "tab:blue"), ("segm", "tab:orange"))):
             m = report[name][f"{task}_AP"]
             x = i + (j - 0.5) * 0.35
-            ax_ap.bar(x, m["mean"], width=0.35, color=colour, alpha=0.6,
+            known = [v for v in m["values"] if v is not None]
+            ax_ap.bar(x, m["mean"] or 0.0, width=0.35, color=colour, alpha=0.6,
                       label=("box AP" if task == "bbox" else "mask AP") if i == 0 else None)
-            ax_ap.scatter([x] * len(m["values"]), m["values"], color="k", s=10, zorder=3)
+            ax_ap.scatter([x] * len(known), known, color="k", s=10, zorder=3)
     ax_ap.set_xticks(range(len(names)), [f"{n}\n({report[n]['images_per_iteration']} img/it)" for n in names])
     ax_ap.set(ylabel="AP on smallbn_shapes_val", title="COCO AP (bars: mean over seeds; dots: seeds)")
     ax_ap.legend()
@@ -270,7 +381,10 @@ def main(argv=None):
         "threads_per_job": None if args.report_only else args.threads,
         "device": device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "wall_seconds": round(time.time() - started, 1),
-        "config_overrides": args.opts, "settings": report, "not_finished": [list(k) for k in missing]})
+        "config_overrides": args.opts, "settings": report, "not_finished": [list(k) for k in missing],
+        "regime": {"processes": args.gpus, "images_per_process": args.images_per_gpu if args.gpus > 1 else None,
+                   "schedule": per_gpu_schedule(args.gpus, args.images_per_gpu, args.iters or PER_GPU_ITERS)[1]
+                   if args.gpus > 1 else None}})
     (args.out / "study_accuracy.md").write_text(markdown + "\n")
     plot(report, args.out / "study_accuracy.png")
     print(markdown)

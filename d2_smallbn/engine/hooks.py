@@ -6,12 +6,15 @@ loop): a thin wrapper of ``d2_smallbn.layers.NormStateDriver``.
   paper's per-GPU batch, and builds the driver from the trainer's model and optimizer;
 - before every step: ``driver.before_step(trainer.iter)`` (iterations of CBN/MABN/BRN, BCN's
   update rate = its param group's current learning rate);
+- after training, with several processes: every process takes the main process's buffers, so
+  the final (sharded) evaluation sees the checkpointed model;
 - a GradScaler (detectron2's AMPTrainer) is handed to the layers that keep gradient statistics
   (MABN), so that their moving average of the backward statistic stays free of the loss scale.
 """
 import logging
 import math
 
+import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -92,3 +95,67 @@ class SmallBNHook(HookBase):
 
     def before_step(self):
         self.driver.before_step(self.trainer.iter)
+
+    def after_train(self):
+        """Every process takes the main process's buffers (statistics, windows) once training has
+        finished, so that the final evaluation, sharded over the processes, evaluates the one model
+        the main process checkpoints instead of a different model per shard."""
+        if comm.get_world_size() > 1 and self.trainer.iter + 1 >= self.trainer.max_iter:
+            for buffer in unwrap(self.trainer.model).buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+
+class BatchStatisticsSpread(HookBase):
+    """How far the processes' batch statistics disagree, the noise that per-GPU normalization sees.
+
+    Every ``period`` iterations each process takes the per-channel mean and variance of the input of
+    norm layer ``layer`` (a module name, e.g. "backbone.bottom_up.res3.0.conv1.norm") over its own
+    images; they are gathered, and the main process puts into the trainer's storage (metrics.json):
+
+    - ``stats_spread/batch_mean_var``: the variance across processes of a channel's batch mean,
+      averaged over channels;
+    - ``stats_spread/batch_mean_var_rel``: the same divided by the channel's batch variance (averaged
+      over processes): 0 if every process saw the same statistics, about 1/(values per process) for
+      independent values.
+
+    Every process must run it (the gather is collective); with one process it records nothing.
+    ``period`` should be a multiple of the writers' period (20 in DefaultTrainer) so that every value
+    reaches metrics.json.
+    """
+
+    def __init__(self, layer, period=20):
+        if period < 1:
+            raise ValueError(f"BatchStatisticsSpread: period must be >= 1, got {period}")
+        self.layer, self.period = layer, period
+        self._stats = None
+
+    def before_train(self):
+        modules = dict(unwrap(self.trainer.model).named_modules())
+        if self.layer not in modules:
+            norms = [n for n in modules if n.endswith(".norm")][:5]
+            raise ValueError(f"BatchStatisticsSpread: the model has no module {self.layer!r}; norm layers are "
+                             f"named like {', '.join(norms)}")
+        self._handle = modules[self.layer].register_forward_pre_hook(self._record)
+
+    def _due(self):
+        return comm.get_world_size() > 1 and self.trainer.iter % self.period == 0
+
+    def _record(self, module, inputs):
+        if module.training and self._stats is None and self._due():
+            x = inputs[0].detach().float()
+            self._stats = torch.stack([x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)]).cpu()
+
+    def after_step(self):
+        if not self._due():
+            return
+        gathered, self._stats = comm.all_gather(self._stats), None
+        if comm.is_main_process() and all(s is not None for s in gathered):
+            means, variances = torch.stack([s[0] for s in gathered]), torch.stack([s[1] for s in gathered])
+            spread = means.var(0, unbiased=False)
+            relative = spread / variances.mean(0).clamp_min(1e-12)
+            self.trainer.storage.put_scalars(smoothing_hint=False, **{
+                "stats_spread/batch_mean_var": spread.mean().item(),
+                "stats_spread/batch_mean_var_rel": relative.mean().item()})
+
+    def after_train(self):
+        self._handle.remove()

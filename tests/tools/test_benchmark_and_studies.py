@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -262,7 +263,11 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
 def test_study_accuracy_rejects_bad_arguments(tmp_path):
     for args, message in ((["--settings", "cbn,batchnorm"], "unknown --settings"),
                           (["--jobs", "0"], "--jobs and --threads must be >= 1"),
-                          (["SOLVER.BASE_LR"], "KEY VALUE pairs")):
+                          (["SOLVER.BASE_LR"], "KEY VALUE pairs"),
+                          (["--gpus", "2", "--settings", "bn_16"],
+                           "unknown --settings ['bn_16'] for --gpus 2; choose from bn,syncbn,gn,cbn,mabn,bcn_ws,brn"),
+                          (["--gpus", "1000"], "processes, but this machine runs at most"),
+                          (["--gpus", "0"], "--gpus and --images-per-gpu must be >= 1")):
         proc = subprocess.run([*command("study_accuracy"), "--out", str(tmp_path), *args],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
@@ -292,3 +297,48 @@ def test_fixed_proposals_cover_ground_truth_and_background():
         assert (iou[near:].amax(1) < 0.5).all()
     again = bench.fixed_proposals(inputs, count=100, seed=0, copies_per_box=copies)
     assert all(torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor) for a, b in zip(proposals, again))
+
+
+def test_per_gpu_schedule_follows_the_stated_rules():
+    from d2_smallbn.bench.study_accuracy import per_gpu_schedule
+
+    opts, rules = per_gpu_schedule(4, 1, 500)
+    value = {key: rule["value"] for key, rule in rules.items()}
+    assert value["SOLVER.IMS_PER_BATCH"] == 4 and value["MODEL.SMALLBN.PAPER_IMS_PER_GPU"] == 1
+    assert value["SOLVER.BASE_LR"] == pytest.approx(0.02)  # 0.01 at 2 images, linear in the batch
+    assert value["SOLVER.WARMUP_ITERS"] == 50 and value["SOLVER.STEPS"] == (400,)  # 200 images; 80%
+    assert value["MODEL.SMALLBN.CBN.WINDOW_SIZE"] == 16 and value["MODEL.SMALLBN.CBN.BURNIN_ITERS"] == 125
+    assert [value[f"MODEL.SMALLBN.MABN.{k}"] for k in ("WARMUP_ITERS", "FPN_WARMUP_ITERS", "HEADS_WARMUP_ITERS",
+                                                       "CLIP_WARMUP_ITERS")] == [16, 16, 28, 16]
+    assert [value[f"MODEL.SMALLBN.BRN.{k}"] for k in ("WARMUP_ITERS", "D_MAX_ITERS", "R_MAX_ITERS")] == [14, 69, 111]
+    assert opts[:2] == ["SOLVER.IMS_PER_BATCH", "4"] and len(opts) == 2 * len(rules)
+    assert per_gpu_schedule(4, 2, 500)[1]["MODEL.SMALLBN.CBN.WINDOW_SIZE"]["value"] == 8
+    assert per_gpu_schedule(4, 1, 2)[1]["SOLVER.STEPS"]["value"] == ()  # no step at the last iteration
+
+
+def test_study_per_gpu_regime_runs_processes_records_their_spread_and_reruns_an_interrupted_run(tmp_path):
+    out = tmp_path / "per_gpu"
+    common = ["--gpus", "2", "--iters", "2", "--num-train", "4", "--num-val", "2", "--data-root",
+              str(tmp_path / "data"), "--out", str(out), "--seeds", "0"]
+    overrides = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
+                 "INPUT.MAX_SIZE_TEST", "96", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    proc = _run("study_accuracy", *common, "--settings", "bn,syncbn", *overrides)
+    report = json.loads((out / "study_accuracy.json").read_text())
+    assert report["regime"]["processes"] == 2 and report["regime"]["images_per_process"] == 1
+    assert report["regime"]["schedule"]["SOLVER.IMS_PER_BATCH"]["value"] == 2
+    for name in ("bn", "syncbn"):
+        entry = report["settings"][name]
+        assert entry["processes"] == 2 and entry["images_per_iteration"] == 2 and entry["iterations"] == 2
+        run = entry["seeds"]["0"]
+        assert run["batch_mean_spread"]["records"] == 1 and _positive(run["batch_mean_spread"]["relative"])
+        results = json.loads((out / "runs" / f"{name}_seed0" / "results.json").read_text())
+        assert results["processes"] == 2
+        config = (out / "runs" / f"{name}_seed0" / "config.yaml").read_text()
+        assert "IMS_PER_BATCH: 2" in config and ("naiveSyncBN" in config) == (name == "syncbn")
+    assert "| processes | batch-mean spread (rel.) |" in proc.stdout
+
+    # a run without results (interrupted) is run again; the finished one is reused
+    (out / "runs" / "syncbn_seed0" / "results.json").unlink()
+    proc = _run("study_accuracy", *common, "--settings", "bn,syncbn", *overrides)
+    assert f"reusing {out / 'runs' / 'bn_seed0'}" in proc.stdout and "start syncbn seed 0" in proc.stdout
+    assert "start bn seed 0" not in proc.stdout
