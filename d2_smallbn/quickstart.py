@@ -1,7 +1,8 @@
 """The main job on the built-in dataset: generate it, train a quickstart Mask R-CNN, evaluate it
 with COCO evaluation (box and mask) against the same model untrained, and write the results.
 
-    d2-smallbn-quickstart [--norm cbn|mabn|bcn_ws|gn|bn] [--iters N] [--output-dir DIR] [KEY VALUE ...]
+    d2-smallbn-quickstart [--norm cbn|mabn|bcn_ws|brn|gn|bn|syncbn] [--iters N] [--num-gpus G] [--output-dir DIR]
+        [KEY VALUE ...]
 
 Outputs in the output directory: metrics.json (detectron2's training log), results.json (AP of the
 trained and untrained model), predictions.png (validation images with predictions, drawn with

@@ -174,3 +174,23 @@ def test_wrong_setting_types_fail_when_the_model_is_built_naming_the_key():
     from detectron2.modeling import build_model
     with pytest.raises(ValueError, match=r"MODEL\.SMALLBN\.CBN\.WINDOW_SIZE"):
         build_model(OmegaConf.create(cfg.dump()))
+
+
+def test_paper_batch_warning_names_the_keys_of_the_config_language(caplog):
+    import logging
+
+    from d2_smallbn.engine import SmallBNHook, check_batch_per_gpu
+
+    lazy = OmegaConf.create({"model": {}, "dataloader": {"train": {"total_batch_size": 8}},
+                             "smallbn": {"PAPER_IMS_PER_GPU": 2}})  # a LazyConfig root's shape
+    yacs = tiny_cfg(backbone="CBN", iters=1)
+    yacs.SOLVER.IMS_PER_BATCH = 8
+    with caplog.at_level(logging.WARNING, logger="d2_smallbn"):
+        assert not check_batch_per_gpu(2, 8, 2, **SmallBNHook(lazy, ims_per_batch=8).batch_keys)
+        lazy_text, _ = caplog.text, caplog.clear()
+        assert not check_batch_per_gpu(2, 8, 2, **SmallBNHook(yacs).batch_keys)
+    assert "dataloader.train.total_batch_size / world size = 8 / 2 = 4" in lazy_text
+    assert "set smallbn.PAPER_IMS_PER_GPU=0 to silence" in lazy_text
+    assert "SOLVER.IMS_PER_BATCH / world size = 8 / 2 = 4" in caplog.text
+    assert "set MODEL.SMALLBN.PAPER_IMS_PER_GPU 0 to silence" in caplog.text
+    assert check_batch_per_gpu(2, 8, 4)  # 2 per process: no warning
