@@ -133,7 +133,7 @@ def training_entries(metrics_json, key="total_loss"):
             kept.pop()
         kept.append(entry)
     if not kept:
-        raise ValueError(f"{metrics_json} has no entries with {key} (was training interrupted?)")
+        raise ValueError(f"{metrics_json} has no training entries with {key} (was training interrupted?)")
     return kept
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 import detectron2.modeling
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.layers.batch_norm import CycleBatchNormList
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
@@ -357,7 +357,7 @@ def tiny(cfg):
 
 
 STOCK = {"BN": torch.nn.BatchNorm2d, "SyncBN": torch.nn.SyncBatchNorm, "GN": torch.nn.GroupNorm,
-         "FrozenBN": FrozenBatchNorm2d}
+         "FrozenBN": FrozenBatchNorm2d, "naiveSyncBN": NaiveSyncBatchNorm}
 OURS = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "BCN": BatchChannelNorm2d,
         "BRN": BatchRenorm2d}
 
@@ -376,7 +376,7 @@ def normed_convs(module):
 
 def check_norm(norm, name, frozen, where):
     """``norm`` is config norm ``name``; in a frozen stage, the frozen form of it."""
-    if frozen and name in ("BN", "SyncBN", "FrozenBN"):
+    if frozen and name in ("BN", "SyncBN", "naiveSyncBN", "FrozenBN"):
         assert type(norm) is FrozenBatchNorm2d, where
         return
     expected = OURS.get(name) or STOCK[name]
@@ -410,13 +410,17 @@ def check_backbone(bottom_up, norm, conv, freeze_at):
         check_place(stage, norm, conv, counts[name], frozen=frozen, where=f"backbone {name}")
 
 
+QUICKSTART_NORMS = {"bn": "BN", "gn": "GN", "cbn": "CBN", "mabn": "MABN", "bcn": "BCN", "brn": "BRN",
+                    "syncbn": "naiveSyncBN"}  # file name -> the norm everywhere
+
+
 def model_intent(name, cfg):
     """(arch, backbone norm, heads norm, conv, FREEZE_AT) that the built model must show."""
     if name in ROWS or name in ALIASES:
         row = row_of(name)
         return row.arch, row.backbone, row.heads, row.conv, expected_freeze_at(row)
     # quickstart: one norm everywhere (the file name), trained from scratch
-    norm = re.search(r"_FPN_([a-z]+)", name).group(1).upper()
+    norm = QUICKSTART_NORMS[re.search(r"_FPN_([a-z]+)", name).group(1)]
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
     return "mask", norm, norm, "auto", 0
 

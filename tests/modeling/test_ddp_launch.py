@@ -17,7 +17,9 @@ The trainer wraps the model in DDP with ``broadcast_buffers=False`` (through d2_
 3. the norms' statistics (running_mean / running_var for CBN and BCN, running_sqmean for MABN)
    differ across the ranks in every trainable norm layer: each process keeps statistics of its
    own data, nothing synchronizes them;
-4. CBN and MABN count 3 steps (``num_steps``) on both ranks.
+4. CBN and MABN count 3 steps (``num_steps``) on both ranks;
+5. after training, rank 1 holds rank 0's buffers (SmallBNHook.after_train), so the final sharded
+   evaluation sees the checkpointed model.
 
 Results come back from the workers through ``torch.save`` files.
 """
@@ -77,6 +79,8 @@ def _train_one(norm, records, workdir):
     from detectron2.utils import comm
     from torch.nn.parallel import DistributedDataParallel
 
+    from detectron2.engine import HookBase
+
     from d2_smallbn.engine import SmallBNTrainer
     from d2_smallbn.norms import NORM_TYPES as SMALLBN_NORM_TYPES
 
@@ -107,6 +111,14 @@ def _train_one(norm, records, workdir):
 
     handle = model.register_forward_hook(record_loss)
     init_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained_buffers = {}
+
+    class KeepTrainedBuffers(HookBase):  # the buffers as training left them, before after_train
+        def after_step(self):
+            if self.trainer.iter == self.trainer.max_iter - 1:
+                trained_buffers.update({n: b.detach().clone() for n, b in model.named_buffers()})
+
+    trainer.register_hooks([KeepTrainedBuffers()])
     trainer.train()
     handle.remove()
 
@@ -124,7 +136,8 @@ def _train_one(norm, records, workdir):
         "init_params": init_params,
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "buffers": trained_buffers,
+        "buffers_after_train": {n: b.detach().clone() for n, b in model.named_buffers()},
         "norms": {n: (type(m).__name__, bool(m.frozen)) for n, m in model.named_modules()
                   if isinstance(m, SMALLBN_NORM_TYPES)},
     }, os.path.join(workdir, f"{norm}_rank{rank}.pt"))
@@ -230,6 +243,16 @@ def test_norm_statistics_are_per_process(norm, launched):
     # Every trainable norm sees different activations on the two ranks (different images), and
     # nothing synchronizes its statistics, so none may agree bit for bit.
     assert not same, f"{len(same)} statistics buffers are identical across ranks: {same[:10]}"
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_after_training_every_process_holds_the_main_processs_buffers(norm, launched):
+    """So that the final evaluation, sharded over the processes, evaluates the checkpointed model."""
+    first, second = launched[norm]
+    assert first["buffers_after_train"].keys() == first["buffers"].keys()
+    for name, value in first["buffers"].items():
+        assert torch.equal(first["buffers_after_train"][name], value), name  # rank 0 keeps its own
+        assert torch.equal(second["buffers_after_train"][name], value), name  # rank 1 takes rank 0's
 
 
 @pytest.mark.parametrize("norm", ["CBN", "MABN"])
