@@ -13,7 +13,10 @@ Each entry (``NormSpec``) says:
 - how a BatchNorm checkpoint maps onto it, and its own training state: the layer's
   ``map_bn_state`` and ``own_state`` (see ``layers/_common.py``), reached through ``layer``;
 - ``after_build(layer, settings)``: anything a new layer needs beyond its arguments (BCN's update
-  rate starts at the base learning rate: never silently GN).
+  rate starts at the base learning rate: never silently GN);
+- ``phases(section)``: its own iteration counts (warmups, burn-in, ramps) and the least each may be
+  (``Phase``): what ``scale_phases`` (the study, the quickstart's ``--iters``) and ``short_phases``
+  (the trainer hook's warning) read.
 
 Adding a norm = one layer file + one entry in ``NORMS``. This module imports no detectron2.
 """
@@ -98,6 +101,7 @@ class NormSpec(NamedTuple):
     after_build: Optional[Callable] = None  # (layer, settings) -> None
     doc: str = ""
     check_section: Optional[Callable] = None  # (section) -> [problems] across keys of its section
+    phases: Optional[Callable] = None  # (section) -> [Phase]: its iteration counts and their minimums
 
     def build(self, channels, s, scope="backbone"):
         """A new layer for ``channels`` channels from resolved settings ``s`` (see ``resolve``)."""
@@ -131,6 +135,56 @@ def _bcn_rate_keys(b):
     return []
 
 
+# ---- phases: a norm's own iteration counts, and the least each may be ----------------------------
+
+SETTLING_TIME_CONSTANTS = 3  # an EMA keeps exp(-3) = 5% of its starting value after 3 time constants
+
+
+def settling_iters(momentum):
+    """Iterations an EMA ``e <- momentum * e + (1 - momentum) * x`` needs before it stops reflecting its
+    starting value: 3 time constants, 3 / (1 - momentum) (150 at the papers' 0.98)."""
+    return math.ceil(round(SETTLING_TIME_CONSTANTS / (1.0 - momentum), 6))
+
+
+class Phase(NamedTuple):
+    """One iteration count of a norm's section (``key``) and the least it may be (``minimum``, with
+    ``reason``). ``after``: the key of the phase it follows (a ramp's end): its value is then a length
+    after that phase, at least ``minimum``, and is scaled as a length."""
+    key: str
+    minimum: int
+    reason: str
+    after: Optional[str] = None
+
+
+def _ema_reason(what, momentum):
+    return (f"{what} an EMA of momentum {momentum}, which needs {SETTLING_TIME_CONSTANTS} time constants, "
+            f"{SETTLING_TIME_CONSTANTS} / (1 - {momentum}) = {settling_iters(momentum)} iterations, to forget "
+            "its starting value")
+
+
+def _mabn_phases(m):
+    sma = f"the simple moving averages of BUFFER_SIZE {m.BUFFER_SIZE} iterations replace batch statistics, so it " \
+          "must not end before the buffer is full"
+    ema = _ema_reason("from here r renormalizes towards", m.MOMENTUM)
+    return [Phase("WARMUP_ITERS", m.BUFFER_SIZE, sma), Phase("FPN_WARMUP_ITERS", m.BUFFER_SIZE, sma),
+            Phase("HEADS_WARMUP_ITERS", m.BUFFER_SIZE, sma),
+            Phase("CLIP_WARMUP_ITERS", max(settling_iters(m.MOMENTUM), m.BUFFER_SIZE),
+                  f"{ema} (and no less than BUFFER_SIZE {m.BUFFER_SIZE})")]
+
+
+def _brn_phases(b):
+    return [Phase("WARMUP_ITERS", settling_iters(b.MOMENTUM), _ema_reason("from here r and d renormalize towards",
+                                                                         b.MOMENTUM)),
+            Phase("D_MAX_ITERS", 0, "d_max's ramp, after the warmup", after="WARMUP_ITERS"),
+            Phase("R_MAX_ITERS", 0, "r_max's ramp, after the warmup", after="WARMUP_ITERS")]
+
+
+def _cbn_phases(c):
+    # The window holds only iterations after the burn-in and averages them with equal weights: it
+    # has no estimate that must forget a starting value, so the burn-in has no minimum.
+    return [Phase("BURNIN_ITERS", 0, "the window is filled only after it, so it needs no minimum")]
+
+
 def _mabn_warmup(m, scope):
     return {"backbone": m.WARMUP_ITERS, "fpn": m.FPN_WARMUP_ITERS, "heads": m.HEADS_WARMUP_ITERS}[scope]
 
@@ -147,6 +201,7 @@ NORMS = {spec.name: spec for spec in (
          "EPS": EPS},
         lambda c, scope: dict(window_size=c.WINDOW_SIZE, burnin_iters=c.BURNIN_ITERS, rho=c.RHO, eps=c.EPS,
                               momentum=c.MOMENTUM),
+        phases=_cbn_phases,
         doc="Cross-Iteration BN (CBN paper); its conv CBNConv2d feeds it the conv input and weight"),
     NormSpec(
         "MABN", MovingAverageBatchNorm2d, CenteredConv2d, False,
@@ -160,7 +215,7 @@ NORMS = {spec.name: spec for spec in (
          "EPS": EPS},
         lambda m, scope: dict(momentum=m.MOMENTUM, buffer_size=m.BUFFER_SIZE, warmup_iters=_mabn_warmup(m, scope),
                               clip_lambda=m.CLIP_LAMBDA, clip_warmup_iters=m.CLIP_WARMUP_ITERS, eps=m.EPS),
-        doc="Moving Average BN (MABN paper) with weight-centralized convs"),
+        phases=_mabn_phases, doc="Moving Average BN (MABN paper) with weight-centralized convs"),
     NormSpec(
         "BCN", BatchChannelNorm2d, WSConv2d, False,
         {"NUM_GROUPS": Setting(32, integer(1), "groups of the GN step"),
@@ -187,7 +242,7 @@ NORMS = {spec.name: spec for spec in (
          "EPS": EPS},
         lambda b, scope: dict(momentum=b.MOMENTUM, r_max=b.R_MAX, d_max=b.D_MAX, warmup_iters=b.WARMUP_ITERS,
                               r_max_iters=b.R_MAX_ITERS, d_max_iters=b.D_MAX_ITERS, eps=b.EPS),
-        doc="Batch Renormalization (Ioffe 2017), the MABN paper's baseline; plain convs"),
+        phases=_brn_phases, doc="Batch Renormalization (Ioffe 2017), the MABN paper's baseline; plain convs"),
 )}
 
 NORM_TYPES = tuple(spec.layer for spec in NORMS.values())
@@ -321,3 +376,44 @@ def resolve(settings=None, base_lr=None):
         raise ValueError("; ".join(errors))
     s["base_lr"] = base_lr if base_lr is not None else found_lr
     return s
+
+
+# ---- scaling and checking phases ----------------------------------------------------------------
+
+def scale_phases(name, section, counts, factor):
+    """Norm ``name``'s iteration counts for a schedule ``factor`` times as long as the one they were set
+    for. ``counts``: {key: iterations} (a subset of the norm's phases); ``section``: its resolved
+    settings (momentum, buffer size). Each count is scaled, then raised to its phase's minimum; a
+    ramp's end keeps its scaled length after its (possibly raised) start. Returns
+    {key: (value, how it was chosen)}; the momentum is never changed (see docs/study.md)."""
+    phases = NORMS[name].phases(section) if NORMS[name].phases else []
+    unknown = set(counts) - {p.key for p in phases}
+    if unknown:
+        raise KeyError(f"{name} has no phase {sorted(unknown)}; its phases: {[p.key for p in phases]}")
+    out = {}
+    for p in (p for p in phases if p.key in counts):
+        if p.after:  # a ramp: its length after the start is what scales
+            start = out[p.after][0] if p.after in out else section[p.after]
+            old_start = counts.get(p.after, section[p.after])
+            length = round((counts[p.key] - old_start) * factor)
+            value, raised = start + max(length, p.minimum), length < p.minimum
+            how = f"{p.after} {start} + ({counts[p.key]} - {old_start}) x {factor:.4g} = {start + length}"
+        else:
+            scaled = round(counts[p.key] * factor)
+            value, raised = max(scaled, p.minimum), scaled < p.minimum
+            how = f"{counts[p.key]} x {factor:.4g} = {scaled}"
+        out[p.key] = (value, how + (f", raised to {value}: {p.reason}" if raised else ""))
+    return out
+
+
+def short_phases(s, names):
+    """[(name, key, value, least, reason)]: the phases of norms ``names`` that resolved settings ``s``
+    set shorter than their rule allows."""
+    short = []
+    for name in names:
+        spec, section = NORMS[name], s[name]
+        for p in spec.phases(section) if spec.phases else ():
+            least = p.minimum + (section[p.after] if p.after else 0)
+            if section[p.key] < least:
+                short.append((name, p.key, section[p.key], least, p.reason))
+    return short

@@ -21,15 +21,17 @@ import numpy as np
 NORM_CONFIGS = {n: f"quickstart/mask_rcnn_R18_FPN_{n}.yaml" for n in ("cbn", "mabn", "bcn_ws", "brn", "gn", "bn", "syncbn")}
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TOP_PREDICTIONS = 5  # drawn per image, with their scores: a short run is not yet confident
-SPREAD_LAYER = "backbone.bottom_up.res3.0.conv1.norm"  # whose per-process statistics are compared
-SPREAD_PERIOD = 20  # detectron2's writer period
+STATS_ERROR_PERIOD = 20  # detectron2's writer period
 logger = logging.getLogger("d2_smallbn.quickstart")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--norm", default="cbn", choices=sorted(NORM_CONFIGS), help="quickstart config (default: cbn)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="training iterations (default: the config's); the LR steps and every norm's own iteration "
+                        "counts (CBN's burn-in, MABN's warmups, BRN's ramp) are scaled with it, none below what its "
+                        "running estimates need (d2_smallbn.norms.scale_phases); the log lists each value")
     p.add_argument("--output-dir", default=None, help="default: ./output/quickstart_<norm>")
     p.add_argument("--data-root", default=None, help="dataset folder (default: see d2_smallbn.data)")
     p.add_argument("--num-train", type=int, default=None, help="generated training images (default: dataset default)")
@@ -57,10 +59,27 @@ def build_cfg(args, data_root):
         cfg.SOLVER.MAX_ITER = args.iters
         cfg.SOLVER.STEPS = tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS if int(s * scale) < args.iters)
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, args.iters - 1)
-        cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS = int(cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS * scale)  # like the LR steps
+        for line in scale_norm_phases(cfg, scale):
+            logger.info("--iters %d: %s", args.iters, line)
     cfg.OUTPUT_DIR = output_dir(args)
     cfg.freeze()
     return cfg
+
+
+def scale_norm_phases(cfg, factor):
+    """Scales the iteration counts of every norm the config uses by ``factor``, by the one rule
+    (``d2_smallbn.norms.scale_phases``); returns a line per value set."""
+    from .config import norm_names
+    from .norms import NORMS, resolve, scale_phases
+
+    s, lines = resolve(cfg), []
+    for name in sorted(norm_names(cfg) & set(NORMS)):
+        section = cfg.MODEL.SMALLBN[name]
+        counts = {p.key: section[p.key] for p in NORMS[name].phases(s[name])} if NORMS[name].phases else {}
+        for key, (value, how) in scale_phases(name, s[name], counts, factor).items():
+            section[key] = value
+            lines.append(f"MODEL.SMALLBN.{name}.{key} {value} ({how})")
+    return lines
 
 
 def output_dir(args):
@@ -187,7 +206,8 @@ def run_job(args, root, start):
     from .data import register_shapes
     from .engine import SmallBNTrainer
     from .engine.defaults import setup_smallbn_logger
-    from .engine.hooks import BatchStatisticsSpread, unwrap
+    from .engine.hooks import unwrap
+    from .engine.statistics_error import StatisticsErrorHook
 
     out = output_dir(args)
     os.makedirs(out, exist_ok=True)
@@ -202,8 +222,8 @@ def run_job(args, root, start):
     logger.info("Training %s for %d iterations on %d process(es) -> %s", NORM_CONFIGS[args.norm],
                 cfg.SOLVER.MAX_ITER, comm.get_world_size(), cfg.OUTPUT_DIR)
     trainer = SmallBNTrainer(cfg)
-    if comm.get_world_size() > 1:  # how far the processes' statistics disagree, in metrics.json
-        trainer.register_hooks([BatchStatisticsSpread(SPREAD_LAYER, period=SPREAD_PERIOD)])
+    if comm.get_world_size() > 1:  # each norm's statistics against the whole batch's, in metrics.json
+        trainer.register_hooks([StatisticsErrorHook(period=STATS_ERROR_PERIOD)])
     trainer.resume_or_load(resume=False)
     trainer.train()
     train_seconds = time.time() - start

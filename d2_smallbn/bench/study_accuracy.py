@@ -11,8 +11,10 @@ head, from scratch, the norm in backbone, FPN and both heads), box and mask AP o
   Settings: BN (per process), syncbn (detectron2's naiveSyncBN: statistics over all G*n images,
   the reference), GN, CBN, MABN, BCN+WS and BRN. The schedule follows ``per_gpu_schedule``: the
   quickstart's learning rate scaled linearly with the total batch, its LR warmup kept in images,
-  and each method's own iteration counts taken from its paper's rules, scaled to the schedule.
-  Each run records how far the processes' batch statistics disagree (``BatchStatisticsSpread``).
+  and each method's own iteration counts taken from its paper's rules, scaled to the schedule by
+  the one rule of ``d2_smallbn.norms.scale_phases`` (never below what its running estimates need).
+  Each run records each norm's statistics error against the whole batch's
+  (``d2_smallbn.engine.statistics_error``).
 
 Each run is ``d2-smallbn-quickstart`` (``python -m d2_smallbn.quickstart``) in a subprocess (its
 own output folder under DIR/runs, with its log), ``--jobs`` at a time with ``--threads`` torch
@@ -59,7 +61,8 @@ PER_GPU_SETTINGS = {name: name for name in ("bn", "syncbn", "gn", "cbn", "mabn",
 # on 2 cores: a measured BCN+WS run took 1.30 s per iteration plus 27 s (start, evaluation).
 PER_GPU_ITERS = 400
 PROCESSES_PER_CORE = 2  # the most study processes per core (one torch thread each)
-SPREAD_KEY = "stats_spread/batch_mean_var_rel"
+STATS_ERROR = "stats_error/"  # metrics.json keys of StatisticsErrorHook
+PAPER_ITERS = 180000  # the MABN paper's COCO schedule, which the MABN and BRN counts below come from
 METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("segm", "AP"), ("segm", "AP50"))
 QUICKSTART = ["-m", "d2_smallbn.quickstart"]
 
@@ -120,16 +123,25 @@ def per_gpu_schedule(gpus, images_per_gpu, iters):
 
     From the quickstart (2 images per iteration, lr 0.01, LR warmup 100 iterations = 200 images,
     lr /10 at 80% of the schedule): the learning rate scales linearly with the total batch
-    (Goyal et al.), the LR warmup stays at 200 images, the step at 80%. Each method's own
-    iteration counts follow its paper's rule, scaled from the paper's schedule to ``iters``:
-    CBN window k with k x images per GPU = 16 and burn-in 3 of 12 epochs (25%); MABN's 100
-    iterations of batch statistics (backbone, FPN) and 1,000 without clipping, of 180,000, and
-    the heads' 10,000 of 180,000, none below its 16-iteration buffer; BRN's ramp in Ioffe's step
-    counts (5,000 / 25,000 / 40,000) taken as fractions of the MABN paper's 180,000."""
-    total = gpus * images_per_gpu
-    def of(paper_iters, paper_total, floor=0):
-        return max(floor, round(iters * paper_iters / paper_total))
+    (Goyal et al.), the LR warmup stays at 200 images, the step at 80%. CBN's window follows its
+    paper's k x images per GPU = 16. Each method's own iteration counts are its paper's, scaled to
+    ``iters`` by ``d2_smallbn.norms.scale_phases``, which raises any count below what the method's
+    running estimates need (3 time constants of an EMA, the buffer of a moving average): CBN's
+    burn-in of 3 in 12 epochs; MABN's 100 iterations of batch statistics (backbone, FPN), the heads'
+    10,000 and 1,000 without clipping, of 180,000; BRN's ramp in Ioffe's step counts (5,000 /
+    25,000 / 40,000) taken as fractions of the MABN paper's 180,000. The momentum (of the quickstart
+    configs, the defaults) is kept."""
+    from ..norms import resolve, scale_phases
 
+    total = gpus * images_per_gpu
+    defaults = resolve(None)
+    paper = {  # norm: (its paper's counts, the schedule they are set for, the source)
+        "CBN": ({"BURNIN_ITERS": 3}, 12, "3 of 12 epochs (CBN paper's COCO burn-in)"),
+        "MABN": ({"WARMUP_ITERS": 100, "FPN_WARMUP_ITERS": 100, "HEADS_WARMUP_ITERS": 10000,
+                  "CLIP_WARMUP_ITERS": 1000}, PAPER_ITERS, "MABN paper, 180k iterations (heads: appendix B.3)"),
+        "BRN": ({"WARMUP_ITERS": 5000, "D_MAX_ITERS": 25000, "R_MAX_ITERS": 40000}, PAPER_ITERS,
+                "Ioffe's steps as fractions of the MABN paper's 180k"),
+    }
     rules = {
         "SOLVER.IMS_PER_BATCH": (total, f"{gpus} processes x {images_per_gpu} images"),
         "MODEL.SMALLBN.PAPER_IMS_PER_GPU": (images_per_gpu, "the per-process batch this study reproduces"),
@@ -138,15 +150,10 @@ def per_gpu_schedule(gpus, images_per_gpu, iters):
         "SOLVER.WARMUP_ITERS": (min(round(200 / total), iters - 1), "the quickstart's LR warmup of 200 images"),
         "SOLVER.STEPS": (tuple(s for s in (round(0.8 * iters),) if 0 < s < iters), "lr /10 at 80%, as the quickstart"),
         "MODEL.SMALLBN.CBN.WINDOW_SIZE": (max(1, round(16 / images_per_gpu)), "k x images per GPU = 16 (CBN paper)"),
-        "MODEL.SMALLBN.CBN.BURNIN_ITERS": (of(3, 12), "3 of 12 epochs (CBN paper's COCO burn-in)"),
-        "MODEL.SMALLBN.MABN.WARMUP_ITERS": (of(100, 180000, 16), "100 of 180k iterations, at least the 16-buffer"),
-        "MODEL.SMALLBN.MABN.FPN_WARMUP_ITERS": (of(100, 180000, 16), "as the backbone"),
-        "MODEL.SMALLBN.MABN.HEADS_WARMUP_ITERS": (of(10000, 180000, 16), "10k of 180k iterations (MABN appendix B.3)"),
-        "MODEL.SMALLBN.MABN.CLIP_WARMUP_ITERS": (of(1000, 180000, 16), "r = 1 for 1,000 of 180k iterations"),
-        "MODEL.SMALLBN.BRN.WARMUP_ITERS": (of(5000, 180000), "plain BN for Ioffe's 5,000 of 180k"),
-        "MODEL.SMALLBN.BRN.D_MAX_ITERS": (of(25000, 180000), "d_max 5 reached at 25,000 of 180k"),
-        "MODEL.SMALLBN.BRN.R_MAX_ITERS": (of(40000, 180000), "r_max 3 reached at 40,000 of 180k"),
     }
+    for name, (counts, length, source) in paper.items():
+        for key, (value, how) in scale_phases(name, defaults[name], counts, iters / length).items():
+            rules[f"MODEL.SMALLBN.{name}.{key}"] = (value, f"{source}: {how}")
     opts = [str(x) for key, (value, _) in rules.items() for x in (key, value)]
     return opts, {key: {"value": value, "rule": why} for key, (value, why) in rules.items()}
 
@@ -268,7 +275,7 @@ def collect(runs):
                                 "seconds_per_iteration": statistics.median(times) if times else None,
                                 # how the run was executed: its torch threads, and how many runs shared the machine
                                 "threads": done.get("threads"), "jobs": done.get("jobs"),
-                                "batch_mean_spread": statistics_spread(folder / "metrics.json")}
+                                "statistics_error": statistics_error(folder / "metrics.json")}
     for entry in report.values():
         for task, key in METRICS:
             values = [s["ap"][task][key] for s in entry["seeds"].values()]  # None: the run predicted nothing
@@ -279,14 +286,17 @@ def collect(runs):
     return report
 
 
-def statistics_spread(metrics_json):
-    """The run's mean of ``BatchStatisticsSpread``'s records (None with one process)."""
+def statistics_error(metrics_json):
+    """The run's statistics error (``StatisticsErrorHook``): per key of metrics.json (overall and per
+    layer, mean and variance) its mean over the run's records, and the number of records; None
+    where nothing was recorded (one process, or no batch-statistics norm)."""
     try:
-        entries = training_entries(metrics_json, key=SPREAD_KEY)
+        entries = training_entries(metrics_json, key=STATS_ERROR + "mean")
     except ValueError:
         return None
-    return {"relative": statistics.fmean(e[SPREAD_KEY] for e in entries),
-            "absolute": statistics.fmean(e[SPREAD_KEY.replace("_rel", "")] for e in entries), "records": len(entries)}
+    keys = sorted({k for e in entries for k in e if k.startswith(STATS_ERROR)})
+    return {"records": len(entries), **{k[len(STATS_ERROR):]: statistics.fmean(e[k] for e in entries if k in e)
+                                        for k in keys}}
 
 
 def spread(m):
@@ -299,16 +309,17 @@ def spread(m):
 def table(report):
     per_gpu = any(e["processes"] > 1 for e in report.values())
     lines = ["| setting | images / iter | seeds | box AP | box AP50 | mask AP | mask AP50 | s / iter |"
-             + (" processes | batch-mean spread (rel.) |" if per_gpu else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if per_gpu else "")]
+             + (" processes | statistics error, mean | statistics error, var |" if per_gpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if per_gpu else "")]
     for setting, e in report.items():
         times = [s["seconds_per_iteration"] for s in e["seeds"].values() if s["seconds_per_iteration"]]
         cells = " | ".join(spread(e[f"{task}_{key}"]) for task, key in METRICS)
         speed = f"{statistics.median(times):.2f}" if times else "-"
         line = f"| {setting} | {e['images_per_iteration']} | {len(e['seeds'])} | {cells} | {speed} |"
         if per_gpu:
-            spreads = [s["batch_mean_spread"]["relative"] for s in e["seeds"].values() if s["batch_mean_spread"]]
-            line += f" {e['processes']} | {statistics.fmean(spreads):.4f} |" if spreads else f" {e['processes']} | - |"
+            errors = [s["statistics_error"] for s in e["seeds"].values() if s["statistics_error"]]
+            cells = [f"{statistics.fmean(r[key] for r in errors):.3f}" if errors else "-" for key in ("mean", "var")]
+            line += f" {e['processes']} | {cells[0]} | {cells[1]} |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@ loop): a thin wrapper of ``d2_smallbn.layers.NormStateDriver``.
 
 - before training: checks the model was converted, converts a CBN burn-in given in epochs into
   iterations (with the dataset size), warns when the images per process differ from the
-  paper's per-GPU batch, and builds the driver from the trainer's model and optimizer;
+  paper's per-GPU batch or when a norm's phase is shorter than its running estimates need
+  (``d2_smallbn.norms.short_phases``), and builds the driver from the trainer's model and optimizer;
 - before every step: ``driver.before_step(trainer.iter)`` (iterations of CBN/MABN/BRN, BCN's
   update rate = its param group's current learning rate);
 - after training, with several processes: every process takes the main process's buffers, so
@@ -20,7 +21,7 @@ from detectron2.utils import comm
 
 from ..layers import CrossIterationBatchNorm2d, NormStateDriver
 from ..modeling.conversion import check_converted
-from ..norms import resolve
+from ..norms import resolve, short_phases, spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,21 @@ def unwrap(model):
 
 def burnin_iters_from_epochs(epochs, dataset_size, ims_per_batch):
     return int(math.ceil(epochs * dataset_size / ims_per_batch))
+
+
+def check_phases(s, model, prefix="MODEL.SMALLBN"):
+    """Warns for every phase of the model's (unfrozen) norms that settings ``s`` set shorter than the
+    rule in ``d2_smallbn.norms`` allows; ``prefix`` names the settings in the config's language.
+    Returns the short phases."""
+    used = sorted({spec.name for m in model.modules() if not getattr(m, "frozen", False)
+                   for spec in (spec_of(m),) if spec is not None})
+    short = short_phases(s, used)
+    for name, key, value, least, reason in short:
+        logger.warning("!!! %s.%s.%s = %d is too short: %s. Shorter, the layer relies on an estimate that still "
+                       "reflects its start, and the run does not measure the method. Fix: set it to at least %d "
+                       "(d2-smallbn-quickstart --iters scales it by this rule).", prefix, name, key, value, reason,
+                       least)
+    return short
 
 
 def check_batch_per_gpu(paper_ims_per_gpu, ims_per_batch, world_size, batch_key="images per iteration",
@@ -62,18 +78,21 @@ class SmallBNHook(HookBase):
     def __init__(self, settings=None, ims_per_batch=None, dataset_size=None):
         self.s = resolve(settings)
         self.batch_keys = {}  # how the batch check names the config's keys
+        self.settings_prefix = "MODEL.SMALLBN"
         if ims_per_batch is None and settings is not None and "SOLVER" in settings:
             ims_per_batch = settings["SOLVER"]["IMS_PER_BATCH"]
             self.batch_keys = {"batch_key": "SOLVER.IMS_PER_BATCH"}
         elif settings is not None and "dataloader" in settings:  # a LazyConfig
             self.batch_keys = {"batch_key": "dataloader.train.total_batch_size",
                                "silence": "smallbn.PAPER_IMS_PER_GPU=0"}
+            self.settings_prefix = "smallbn"
         self.ims_per_batch = ims_per_batch
         self.dataset_size = dataset_size
 
     def before_train(self):
         model = unwrap(self.trainer.model)
         check_converted(model)
+        check_phases(self.s, model, self.settings_prefix)
         if self.ims_per_batch is not None:
             check_batch_per_gpu(self.s.PAPER_IMS_PER_GPU, self.ims_per_batch, comm.get_world_size(),
                                 **self.batch_keys)
@@ -103,59 +122,3 @@ class SmallBNHook(HookBase):
         if comm.get_world_size() > 1 and self.trainer.iter + 1 >= self.trainer.max_iter:
             for buffer in unwrap(self.trainer.model).buffers():
                 torch.distributed.broadcast(buffer, src=0)
-
-
-class BatchStatisticsSpread(HookBase):
-    """How far the processes' batch statistics disagree, the noise that per-GPU normalization sees.
-
-    Every ``period`` iterations each process takes the per-channel mean and variance of the input of
-    norm layer ``layer`` (a module name, e.g. "backbone.bottom_up.res3.0.conv1.norm") over its own
-    images; they are gathered, and the main process puts into the trainer's storage (metrics.json):
-
-    - ``stats_spread/batch_mean_var``: the variance across processes of a channel's batch mean,
-      averaged over channels;
-    - ``stats_spread/batch_mean_var_rel``: the same divided by the channel's batch variance (averaged
-      over processes): 0 if every process saw the same statistics, about 1/(values per process) for
-      independent values.
-
-    Every process must run it (the gather is collective); with one process it records nothing.
-    ``period`` should be a multiple of the writers' period (20 in DefaultTrainer) so that every value
-    reaches metrics.json.
-    """
-
-    def __init__(self, layer, period=20):
-        if period < 1:
-            raise ValueError(f"BatchStatisticsSpread: period must be >= 1, got {period}")
-        self.layer, self.period = layer, period
-        self._stats = None
-
-    def before_train(self):
-        modules = dict(unwrap(self.trainer.model).named_modules())
-        if self.layer not in modules:
-            norms = [n for n in modules if n.endswith(".norm")][:5]
-            raise ValueError(f"BatchStatisticsSpread: the model has no module {self.layer!r}; norm layers are "
-                             f"named like {', '.join(norms)}")
-        self._handle = modules[self.layer].register_forward_pre_hook(self._record)
-
-    def _due(self):
-        return comm.get_world_size() > 1 and self.trainer.iter % self.period == 0
-
-    def _record(self, module, inputs):
-        if module.training and self._stats is None and self._due():
-            x = inputs[0].detach().float()
-            self._stats = torch.stack([x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)]).cpu()
-
-    def after_step(self):
-        if not self._due():
-            return
-        gathered, self._stats = comm.all_gather(self._stats), None
-        if comm.is_main_process() and all(s is not None for s in gathered):
-            means, variances = torch.stack([s[0] for s in gathered]), torch.stack([s[1] for s in gathered])
-            spread = means.var(0, unbiased=False)
-            relative = spread / variances.mean(0).clamp_min(1e-12)
-            self.trainer.storage.put_scalars(smoothing_hint=False, **{
-                "stats_spread/batch_mean_var": spread.mean().item(),
-                "stats_spread/batch_mean_var_rel": relative.mean().item()})
-
-    def after_train(self):
-        self._handle.remove()

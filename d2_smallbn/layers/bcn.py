@@ -138,6 +138,11 @@ class BatchChannelNorm2d(NormBase):
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         return scale, self.bias - self.running_mean.clone() * scale
 
+    def normalizing_statistics(self, x, out):
+        """The (mean, var) step 3 normalized with in the training forward just run: the running
+        estimates, updated before use (see ``d2_smallbn.layers.statistics``)."""
+        return self.running_mean.double().clone(), self.running_var.double().clone()
+
     def group_part(self):
         """A standalone module for step 4, sharing nothing with this layer (for folding)."""
         part = GroupNormPerGroupAffine(self.num_features, self.num_groups, self.eps)

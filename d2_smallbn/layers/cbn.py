@@ -104,6 +104,8 @@ class CrossIterationBatchNorm2d(StepCounter):
     def _compensated_history(self, w):
         n = self.history_length
         (cout, cin_g, kh, kw), groups = self._conv_shape
+        if n == 0:  # reshape cannot infer -1 from 0 elements
+            return self.hist_mean[:0], self.hist_sqmean[:0]
         mean_now = torch.einsum("ngk,gok->ngo", self.hist_dmean[:n].reshape(n, groups, -1),
                                 w.reshape(groups, cout // groups, -1)).reshape(n, cout)
         sqmean_now = torch.einsum("nok,ok->no", self.hist_dsqmean[:n].reshape(n, cout, -1), w.reshape(cout, -1))

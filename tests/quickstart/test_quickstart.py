@@ -63,7 +63,7 @@ def test_main_command_writes_every_promised_file(tmp_path):
     assert "COCO evaluation" in proc.stdout and "box AP" in proc.stdout
 
 
-@pytest.mark.parametrize("iters, steps, burnin", [(None, (400,), 200), (1000, (800,), 400), (2, (1,), 0)])
+@pytest.mark.parametrize("iters, steps, burnin", [(None, (400,), 200), (1000, (800,), 400), (2, (1,), 1)])
 def test_iters_flag_scales_the_schedule_and_cbn_burnin(iters, steps, burnin, tmp_path):
     from d2_smallbn.quickstart import build_cfg, parse_args
 
