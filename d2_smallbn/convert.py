@@ -49,6 +49,7 @@ import re
 from collections import Counter
 
 from .norms import NORMS
+from .paths import check_output_paths
 
 AUTHOR = "d2_smallbn convert_weights"
 # Targets: detectron2's own norms, then every norm of the table (d2_smallbn.norms), whose layer says
@@ -504,14 +505,6 @@ def save_d2_pickle(model, path):
                            "pass a writable output path") from None
 
 
-def _same_file(a, b):
-    """True when paths ``a`` and ``b`` name one file (also through links or relative paths)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
 def default_report_path(output):
     return os.path.splitext(output)[0] + ".report.json"
 
@@ -525,10 +518,8 @@ def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier
                            "name it *.pkl: detectron2 picks the loader by extension, and only .pkl is read "
                            "as a name -> array dict")
     report_path = report_path or default_report_path(output)
-    for path, role in ((output, "output"), (report_path, "report")):
-        if _same_file(src, path):
-            raise ConvertError(path, f"the {role} file is the input checkpoint {src}: writing it would destroy the "
-                               "input", f"pass another {role} path" + (" (--report)" if role == "report" else ""))
+    check_output_paths([("output", output), ("--report", report_path)], [("input checkpoint", src)],
+                       error=ConvertError)
     state = load_checkpoint(src, trust_pickle=trust_pickle)
     try:
         report = convert_state_dict(state, target_norm, num_groups, keep_classifier)

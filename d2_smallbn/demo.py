@@ -11,13 +11,17 @@ default: the config's MODEL.WEIGHTS / train.init_checkpoint). Inputs are image f
 the image with the predictions scoring at least the threshold (boxes, class names, scores, masks),
 and OUTPUT/predictions.json with those predictions per image (boxes XYXY in pixels of the input).
 Class names come from the config's first test dataset when it is registered. An image that cannot
-be read is named and skipped, and the exit code is then 1; a bad config, weights or input is 2.
+be read is named and skipped, and the exit code is then 1; a bad config, weights or input is 2, and
+so is an ``--output`` that is, holds or lies inside an input (images, folders, config, weights):
+the demo refuses it before anything is written.
 """
 import argparse
 import json
 import logging
 import os
 import sys
+
+from .paths import check_output_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 logger = logging.getLogger("d2_smallbn.demo")
@@ -54,6 +58,14 @@ def image_paths(inputs):
         else:
             raise DemoError(f"--input {item} is neither an image file nor a folder")
     return paths
+
+
+def input_roles(args):
+    """``(role, path)`` of every file or folder the demo reads: images, folders, config, weights."""
+    roles = [("--input folder" if os.path.isdir(item) else "--input image", item) for item in args.input]
+    roles.append(("--config-file", args.config_file if os.path.exists(args.config_file) else None))
+    roles.append(("--weights", args.weights if args.weights and "://" not in args.weights else None))
+    return roles
 
 
 class Predictor:
@@ -169,6 +181,7 @@ def run(args):
     import cv2
 
     paths = image_paths(args.input)
+    check_output_paths([("--output", args.output)], input_roles(args))
     predictor = Predictor(args.config_file, args.weights, args.confidence_threshold, args.opts)
     os.makedirs(args.output, exist_ok=True)
     predictions, failures = {}, []

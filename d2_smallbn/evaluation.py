@@ -22,6 +22,8 @@ import math
 import os
 import sys
 
+from .paths import check_output_paths
+
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TASKS = ("bbox", "segm")
 TASK_KEY = {"bbox": "bbox", "segm": "segmentation"}  # the detection key each task needs
@@ -378,7 +380,11 @@ def lookup_paper(config):
 def evaluate_files(results_path, annotations_path, tasks=None, config=None, output=None, verbose=False,
                    echo=print):
     """Checks, evaluates, prints the table and writes the JSON summary. Returns the summary dict.
-    Raises ``EvalFileError`` for a bad input file or an unwritable output."""
+    Raises ``EvalFileError`` for a bad input file, an unwritable output, or an output that is an input
+    (or a folder holding one; checked before anything is read or written)."""
+    output = output or default_output_path(results_path)
+    check_output_paths([("--output", output)], [("results file", results_path), ("annotation file", annotations_path)],
+                       error=EvalFileError)
     if tasks is not None:
         tasks = [t for t in TASKS if t in tasks]  # canonical order, no repeats
     gt = load_annotations(annotations_path)
@@ -402,7 +408,6 @@ def evaluate_files(results_path, annotations_path, tasks=None, config=None, outp
     if note:
         echo(note)
 
-    output = output or default_output_path(results_path)
     summary = {
         "results_file": os.path.abspath(results_path),
         "annotation_file": os.path.abspath(annotations_path),

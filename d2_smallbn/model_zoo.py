@@ -59,17 +59,20 @@ def get_config(name, trained=False):
 
 
 def get(name, trained=False, device=None):
-    """A detector built from config ``name`` (converted once); with ``trained``, its published weights."""
+    """A detector built from config ``name`` (converted once); with ``trained``, its published weights.
+    On ``device``, by default the config's (MODEL.DEVICE, train.device), or the CPU when that asks
+    for CUDA on a machine without it, as ``detectron2.model_zoo.get``."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     cfg = get_config(name, trained=trained)
     if name.endswith(".py"):
         from detectron2.config import instantiate
 
+        from .config import available_device
         from .modeling import convert_model
 
         model = convert_model(instantiate(cfg.model), cfg)
-        model.to(device or cfg.train.get("device", "cpu"))
+        model.to(device or available_device(cfg.train.get("device", "cpu"), "train.device"))
         weights = cfg.train.init_checkpoint
     else:
         from detectron2.modeling import build_model  # d2_smallbn's patch: converts once

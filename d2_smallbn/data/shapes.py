@@ -27,14 +27,18 @@ parameters is reused untouched once every file checks out (annotation files pars
 decodes: each image is decoded once, then known by size and mtime); a damaged image is named in
 ``GeneratedDataset.repaired`` and written again in place (byte-identical), a damaged annotation file
 makes it regenerate everything. Otherwise (other parameters, ``force=True``, or an interrupted
-run) it is regenerated, and leftovers of interrupted runs are removed. A directory holding files
-this generator does not write is never replaced.
+run) it is regenerated, and leftovers of interrupted runs are removed. The generator deletes only
+what it wrote: a folder is replaced only when every file in it, at any depth, is one its
+``manifest.json`` names (the manifest, the annotation files, the numbered images its parameters
+give); any other file, a symbolic link, or a folder without the generator's manifest that holds
+files makes it refuse, naming the folder and a file found.
 
 Only numpy, PIL, OpenCV and pycocotools are needed here (no detectron2).
 """
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +60,7 @@ SPLITS = ("train", "val")
 SPLIT_STREAMS = {"train": 0, "val": 1}
 JPEG_QUALITY = 90
 MANIFEST = "manifest.json"
-OWN_ENTRIES = {"train", "val", "annotations", MANIFEST}
+_REPAIR_LEFTOVER = re.compile(r"(train|val)/\.\d{6}\.jpg\.tmp-\d+")
 
 
 @dataclass(frozen=True)
@@ -288,15 +292,56 @@ def _exclusive_lock(root):
 
 
 def _check_replaceable(root):
+    """Raises DatasetError, naming the folder and a file, unless every file under ``root`` is one its
+    manifest names (``_own_entries``): the generator deletes only what it wrote."""
     if not root.exists():
         return
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():
         raise DatasetError(f"{root}: exists and is not a directory. Fix: pass another --root or remove it.")
-    foreign = sorted(set(os.listdir(root)) - OWN_ENTRIES)
+    foreign = _foreign_entries(root)
     if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise DatasetError(
-            f"{root}: exists and holds files the shapes generator does not write ({', '.join(foreign[:5])}); "
-            "refusing to replace it. Fix: pass another --root, or remove the directory.")
+            f"{root}: holds {foreign[0]}{more}, which the shapes generator did not write (its manifest does not "
+            "list it); refusing to replace the folder. Fix: pass another --root, or move those files out.")
+
+
+def _own_entries(root):
+    """The files (relative paths, '/'-separated) of the dataset that the manifest at ``root``
+    describes: the manifest, the annotation files and the numbered images of each split. Empty
+    without a manifest of this generator."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        if manifest["generator"] != GENERATOR:
+            return set()
+        counts = {split: int(manifest["parameters"][f"num_{split}"]) for split in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    own = {MANIFEST}
+    for split in SPLITS:
+        own.add(annotation_file(Path(), split).as_posix())
+        own.update(f"{split}/{index:06d}.jpg" for index in range(counts[split]))
+    return own
+
+
+def _foreign_entries(root):
+    """The files and symbolic links under ``root`` that its manifest does not name, and folders that
+    cannot be read, sorted (folders themselves are not counted: replacing one loses only what it
+    holds). A repair's temporary image (``train/.000012.jpg.tmp-PID``, left by an interrupted run)
+    is the generator's own."""
+    own = _own_entries(root)
+    foreign = []
+
+    def unreadable(error):
+        foreign.append(Path(error.filename).relative_to(root).as_posix())
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
+        for name in files + [name for name in dirs if os.path.islink(os.path.join(folder, name))]:
+            relative = Path(folder, name).relative_to(root).as_posix()
+            generated = relative in own or _REPAIR_LEFTOVER.fullmatch(relative)
+            if os.path.islink(os.path.join(folder, name)) or not generated:
+                foreign.append(relative)
+    return sorted(foreign)
 
 
 def _remove_leftovers(root):

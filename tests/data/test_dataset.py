@@ -303,10 +303,9 @@ def test_second_call_reuses_files_and_force_or_new_parameters_regenerate(tmp_pat
 
 def test_interrupted_runs_are_cleaned_up_and_regenerated(tmp_path, dataset):
     root = tmp_path / "shapes"
-    leftover = tmp_path / ".shapes.tmp-99999"
+    leftover = tmp_path / ".shapes.tmp-99999"    # a run stopped while writing (the root is renamed in whole)
     (leftover / "train").mkdir(parents=True)
-    (root / "train").mkdir(parents=True)
-    (root / "train" / "000000.jpg").write_bytes(b"half-written")    # no manifest: incomplete
+    (leftover / "train" / "000000.jpg").write_bytes(b"half-written")
     result = generate_dataset(root, seed=0, **SMALL)
     assert not result.reused and not leftover.exists()
     assert file_hashes(root) == file_hashes(dataset.root)
@@ -323,6 +322,52 @@ def test_foreign_directory_is_never_replaced(tmp_path):
     with pytest.raises(DatasetError, match="thesis.tex"):
         generate_dataset(root, seed=0, **SMALL)
     assert (root / "thesis.tex").read_text() == "precious"
+
+
+def _user_files(root):
+    """A folder laid out like the dataset (train/, val/, annotations/) holding a user's own files."""
+    files = {"train/cat.jpg": b"my photo", "val/dog.jpg": b"another photo",
+             "annotations/instances_train.json": b'{"images": []}', "annotations/notes.txt": b"my notes"}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_users_files_below_the_dataset_folders_are_never_deleted(tmp_path, capsys, force):
+    """A folder with train/, val/ and annotations/ passed the old check, which looked at top-level names only:
+    the generator replaced it, deleting the user's files."""
+    root = tmp_path / "mine"
+    files = _user_files(root)
+    code = cli.main(["--root", str(root), "--num-train", "2", "--num-val", "1"] + (["--force"] if force else []))
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {root}: ") and ". Fix: " in lines[0], lines
+    assert "annotations/instances_train.json" in lines[0] or "train/cat.jpg" in lines[0], lines[0]
+    assert file_hashes(root) == {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def test_a_file_added_to_a_generated_dataset_stops_its_regeneration(tmp_path):
+    root = tmp_path / "shapes"
+    generate_dataset(root, seed=0, **SMALL)
+    (root / "train" / "labels.txt").write_text("my labels")
+    assert generate_dataset(root, seed=0, **SMALL).reused    # reusing deletes nothing: allowed
+    before = file_hashes(root)
+    for changed in (dict(force=True, **SMALL), dict(num_train=6, num_val=2)):
+        with pytest.raises(DatasetError, match=f"{root}: .*train/labels.txt"):
+            generate_dataset(root, seed=0, **changed)
+        assert file_hashes(root) == before
+
+
+def test_a_folder_without_this_generators_manifest_is_never_replaced(tmp_path):
+    root = tmp_path / "shapes"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "000000.jpg").write_bytes(b"a user's image with the generator's name")
+    with pytest.raises(DatasetError, match="train/000000.jpg"):
+        generate_dataset(root, seed=0, **SMALL)
+    assert (root / "train" / "000000.jpg").read_bytes() == b"a user's image with the generator's name"
 
 
 def test_invalid_parameters_are_rejected(tmp_path):

@@ -345,3 +345,22 @@ def test_empty_results_give_nan_with_a_warning_as_detectron2_does(tmp_path, gt_f
     api = evaluate_files(str(res), str(gt_file), tasks=["bbox"], output=str(tmp_path / "api.json"), echo=_quiet)
     assert list(api["metrics"]) == ["bbox"] and all(math.isnan(v) for v in api["metrics"]["bbox"].values())
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("clobbered", ["results", "annotations", "folder holding the results"])
+def test_output_that_is_or_holds_an_input_is_refused_before_anything_is_written(tmp_path, gt_file, capsys,
+                                                                               clobbered):
+    """`d2-smallbn-eval RES ANN --output RES` (or ANN) used to overwrite that input with the summary, exit 0."""
+    res = _write(tmp_path / "res.json", perfect_dets())
+    ann = _write(tmp_path / "instances.json", json.loads(gt_file.read_text()))
+    output = {"results": res, "annotations": ann, "folder holding the results": tmp_path}[clobbered]
+    before = {p: p.read_bytes() for p in (res, ann)}
+    code = evaluation.main([str(res), str(ann), "--output", str(output)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out + captured.err  # nothing evaluated
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {output}: the --output ") and ". Fix: " in lines[0], lines
+    role = "annotation file" if clobbered == "annotations" else "results file"
+    assert role in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in (res, ann)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["instances.json", "res.json"]

@@ -474,3 +474,19 @@ def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, capsys
     assert convert_main([str(report_clash), str(tmp_path / "w.pkl")]) == 2
     assert "is the input" in capsys.readouterr().err
     assert report_clash.read_bytes() == before and not (tmp_path / "w.pkl").exists()
+
+
+def test_report_path_that_is_the_output_is_refused_and_nothing_written(tmp_path, capsys):
+    """`d2-smallbn-convert IN OUT --report OUT` used to write the weights, then the JSON report over them."""
+    src = _save(tmp_path / "r18.pth", resnet18_state("bn"))
+    out = tmp_path / "r18.pkl"
+    out.write_bytes(b"weights of an earlier conversion")
+    code = convert_main([src, str(out), "--report", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}: ") and ". Fix: " in lines[0], lines
+    assert "--report" in lines[0] and "output" in lines[0], lines[0]
+    assert out.read_bytes() == b"weights of an earlier conversion"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pkl", "r18.pth"]
+

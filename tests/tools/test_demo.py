@@ -150,3 +150,33 @@ def test_demo_command_is_installed(trained, tmp_path):
                            "--opts", *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "0.png").is_file() and "1 images drawn into" in proc.stdout
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, relation", [
+    ("output is the input folder", "is the --input folder"),
+    ("input image inside the output", "is a folder holding the --input image"),
+    ("output inside the input folder", "lies inside the --input folder"),
+])
+def test_demo_refuses_an_output_that_could_overwrite_the_input_images(trained, tmp_path, capsys, case, relation):
+    """`d2-smallbn-demo --input DIR --output DIR` used to replace the user's PNGs by the drawings."""
+    root, _, images = trained
+    photos = tmp_path / "photos"
+    shutil.copytree(root / "photos", photos)
+    inputs, output = {
+        "output is the input folder": ([photos], photos),
+        "input image inside the output": ([photos / "0.png"], photos),
+        "output inside the input folder": ([photos], photos / "drawn"),
+    }[case]
+    before = _tree(tmp_path)
+    code = demo.main(["--config-file", CONFIG, "--weights", str(root / "model.pth"), "--input", *map(str, inputs),
+                      "--output", str(output), "--opts", *TINY])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {output}: the --output ") and ". Fix: " in lines[0], lines
+    assert relation in lines[0], lines[0]
+    assert _tree(tmp_path) == before and not (photos / "drawn").exists()
