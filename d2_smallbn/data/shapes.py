@@ -345,10 +345,12 @@ def _foreign_entries(root):
 
 
 def _remove_leftovers(root):
-    """Remove temporary directories of interrupted runs (safe: we hold the lock)."""
-    for pattern in (f".{root.name}.tmp-*", f".{root.name}.old-*"):
-        for leftover in root.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Remove temporary directories of interrupted runs (safe: we hold the lock): the siblings
+    ``.<name>.tmp-PID`` and ``.<name>.old-PID`` this generator names, and no other."""
+    for kind in ("tmp", "old"):
+        for leftover in root.parent.glob(f".{root.name}.{kind}-*"):
+            if leftover.name.rpartition("-")[2].isdigit() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _move_into_place(temporary, root):

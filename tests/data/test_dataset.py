@@ -306,8 +306,11 @@ def test_interrupted_runs_are_cleaned_up_and_regenerated(tmp_path, dataset):
     leftover = tmp_path / ".shapes.tmp-99999"    # a run stopped while writing (the root is renamed in whole)
     (leftover / "train").mkdir(parents=True)
     (leftover / "train" / "000000.jpg").write_bytes(b"half-written")
+    users = tmp_path / ".shapes.tmp-mine"    # a name the generator never gives: a user's
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     result = generate_dataset(root, seed=0, **SMALL)
-    assert not result.reused and not leftover.exists()
+    assert not result.reused and not leftover.exists() and (users / "notes.txt").read_text() == "mine"
     assert file_hashes(root) == file_hashes(dataset.root)
 
     (root / "val" / "000002.jpg").unlink()    # manifest present but files missing
