@@ -184,12 +184,17 @@ def main(argv=None):
     from detectron2.engine import launch
 
     from .data import default_root, generate_dataset
+    from .paths import OutputPathError, check_output_paths
 
     args = parse_args(argv)
     if args.num_gpus < 1:
         raise SystemExit(f"--num-gpus must be >= 1, got {args.num_gpus}")
     start = time.time()
     root = args.data_root or default_root()
+    try:
+        check_output_paths([("--output-dir", output_dir(args))], [("--data-root", root)])
+    except OutputPathError as e:
+        raise SystemExit(f"d2-smallbn-quickstart: {e}") from None
     generation = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val),
                                 ("hue_spread", args.hue_spread)) if v is not None}
     generate_dataset(root, **generation)  # once, before any process starts

@@ -296,7 +296,9 @@ def statistics_error(metrics_json):
         return None
     keys = sorted({k for e in entries for k in e if k.startswith(STATS_ERROR)})
     return {"records": len(entries), **{k[len(STATS_ERROR):]: statistics.fmean(e[k] for e in entries if k in e)
-                                        for k in keys}}
+                                        for k in keys},
+            "curve": {"iteration": [e["iteration"] for e in entries],
+                      **{key: [e[STATS_ERROR + key] for e in entries] for key in ("mean", "var")}}}
 
 
 def spread(m):
@@ -334,7 +336,9 @@ def smooth(values, width=3):
 
 def plot(report, path):
     plt = pyplot()
-    fig, (ax_ap, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
+    measured = [n for n in report if any((s.get("statistics_error") or {}).get("curve") for s in report[n]["seeds"].values())]
+    fig, axes = plt.subplots(1, 3 if measured else 2, figsize=(19.5 if measured else 13, 4.5))
+    ax_ap, ax_loss = axes[:2]
     names = list(report)
     for i, name in enumerate(names):
         for j, (task, colour) in enumerate((("bbox", "tab:blue"), ("segm", "tab:orange"))):
@@ -354,6 +358,16 @@ def plot(report, path):
                                  color=None if k == 0 else ax_loss.get_lines()[-1].get_color())
     ax_loss.set(xlabel="iteration", ylabel="total loss (running mean of 3 logged values)", yscale="log", title="training loss")
     ax_loss.legend(fontsize=8)
+    if measured:
+        ax_err = axes[2]
+        for name in measured:
+            seed, run = next((k, s) for k, s in report[name]["seeds"].items() if (s.get("statistics_error") or {}).get("curve"))
+            curve = run["statistics_error"]["curve"]
+            line, = ax_err.plot(curve["iteration"], curve["var"], lw=1.2, label=f"{name} (seed {seed}): var")
+            ax_err.plot(curve["iteration"], curve["mean"], lw=1, ls="--", color=line.get_color())
+        ax_err.set(xlabel="iteration", ylabel="relative error vs the whole batch (mean over layers)", yscale="log",
+                   title="statistics error (solid: variance, dashed: mean)")
+        ax_err.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -120,3 +120,15 @@ def test_curves_draw_every_entry_even_a_single_one(tmp_path, entries):
     baseline = np.asarray(Image.open(draw_curves(empty, tmp_path / "baseline.png")).convert("RGB")).astype(int)
     baseline_coloured = (baseline.max(axis=2) - baseline.min(axis=2)) > 80
     assert coloured[:, :half].sum() > baseline_coloured[:, :half].sum() + 20, "the loss panel shows no data"
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_output_dir_and_data_root_must_stay_apart(inside, tmp_path):
+    """An output folder inside the dataset (or holding it) is refused before anything is generated."""
+    from d2_smallbn.quickstart import main
+
+    data, out = (tmp_path / "data", tmp_path / "data" / "out") if inside else (tmp_path / "out" / "data", tmp_path / "out")
+    with pytest.raises(SystemExit, match="--output-dir .*--data-root") as error:
+        main(["--data-root", str(data), "--output-dir", str(out)])
+    assert "Fix: pass another --output-dir" in str(error.value)
+    assert not data.exists()
