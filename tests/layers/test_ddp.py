@@ -28,7 +28,6 @@ Results come back through ``torch.save`` files in the test's tmp_path.
 """
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -49,6 +48,7 @@ from d2_smallbn.layers import (
     WSConv2d,
 )
 from d2_smallbn.layers.brn import BatchRenorm2d
+from processes import free_port
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -161,12 +161,6 @@ def _worker(rank, world_size, port, workdir, kinds):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_setup(kind):

@@ -27,12 +27,12 @@ import datetime
 import importlib.util
 import math
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+from processes import local_url
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -151,12 +151,6 @@ def worker(records, workdir, norms):
         _train_one(norm, records, workdir)
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Trains every norm in one ``launch`` of two processes; {norm: [result of rank r]}."""
@@ -166,7 +160,7 @@ def launched(tmp_path_factory):
     images = workdir / "images"
     images.mkdir()
     records = _helpers().make_images(str(images), count=NUM_IMAGES)
-    launch(worker, num_gpus_per_machine=WORLD_SIZE, dist_url=f"tcp://127.0.0.1:{free_port()}",
+    launch(worker, num_gpus_per_machine=WORLD_SIZE, dist_url=local_url(),
            args=(records, str(workdir), NORMS), timeout=datetime.timedelta(minutes=5))
     results = {}
     for norm in NORMS:

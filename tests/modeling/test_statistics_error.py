@@ -3,13 +3,13 @@
 per-process BN's error equals the deviation of each image's statistics from the whole batch's,
 computed here independently from the layers' inputs (captured in the run), in two training steps."""
 import datetime
-import socket
 from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from processes import local_url
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -62,19 +62,13 @@ def _worker(folder, sync):
     torch.save({"errors": errors, "inputs": inputs}, f"{folder}/{int(sync)}_{rank}.pt")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from detectron2.engine import launch
 
     folder = tmp_path_factory.mktemp("statistics_error")
     for sync in (True, False):
-        launch(_worker, G, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=(str(folder), sync),
+        launch(_worker, G, dist_url=local_url(), args=(str(folder), sync),
                timeout=datetime.timedelta(minutes=3))
     return {sync: [torch.load(folder / f"{int(sync)}_{r}.pt") for r in range(G)] for sync in (True, False)}
 

@@ -9,12 +9,12 @@ BN keeps the unbiased one), so running_var is checked against that EMA computed 
 batch statistics. Per-process BN (no sync) is checked to differ, so the agreement is not trivial.
 """
 import datetime
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from processes import local_url
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -61,12 +61,6 @@ def _worker(folder, sync):
     torch.save(record, f"{folder}/rank{rank}_{'sync' if sync else 'local'}.pt")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def biased_running_var(net, images):
     """running_var of each BN layer of ``net`` if it were updated with the biased batch variance."""
     batch_vars = {}
@@ -94,7 +88,7 @@ def runs(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("sync_emulation")
     for sync in (True, False):
-        launch(_worker, G, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=(str(folder), sync),
+        launch(_worker, G, dist_url=local_url(), args=(str(folder), sync),
                timeout=datetime.timedelta(minutes=3))
     load = lambda name: [torch.load(folder / f"rank{r}_{name}.pt") for r in range(G)]  # noqa: E731
     return load("sync"), load("local")

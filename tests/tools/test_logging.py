@@ -7,7 +7,6 @@ with detectron2's format; the burn-in conversion and the "loaded BatchNorm stati
 ``log.txt``.
 """
 import re
-import socket
 import subprocess
 
 import pytest
@@ -19,18 +18,13 @@ from commands import installed
 
 from d2_smallbn.convert import convert_file
 from d2_smallbn.data import generate_dataset
+from processes import local_url
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
 TINY = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.STEPS", "()",
         "SOLVER.WARMUP_ITERS", "0", "DATASETS.TEST", "()"]
 LINE = r"\[\d\d/\d\d \d\d:\d\d:\d\d\] d2_smallbn\.[\w.]+ (INFO|WARNING): "  # detectron2's file format
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_run_writes_our_lines_into_every_ranks_log_file(tmp_path, monkeypatch):
@@ -40,7 +34,7 @@ def test_two_process_run_writes_our_lines_into_every_ranks_log_file(tmp_path, mo
     convert_file(str(tmp_path / "r18.pth"), str(tmp_path / "r18.pkl"), target_norm="cbn")
     out = tmp_path / "out"
     command = [*installed("d2-smallbn-train"), "--config-file", "quickstart/mask_rcnn_R18_FPN_cbn.yaml",
-               "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{free_port()}", *TINY,
+               "--num-gpus", "2", "--dist-url", local_url(), *TINY,
                "MODEL.WEIGHTS", str(tmp_path / "r18.pkl"), "MODEL.SMALLBN.CBN.BURNIN_EPOCHS", "1.0",
                "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out)]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
