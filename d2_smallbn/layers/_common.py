@@ -1,5 +1,7 @@
 """Pieces shared by every norm layer: argument checks, the per-channel affine map,
-empty-input handling, freezing, loading BN checkpoints and the training-step counter."""
+empty-input handling, freezing, loading BN checkpoints, the training-step counter and the
+training step's place under torch.compile."""
+import functools
 import logging
 import math
 
@@ -62,6 +64,53 @@ def empty_output(x, weight, bias, *other_params):
     return out
 
 
+def outside_compiled_graphs(when="training"):
+    """Decorator of a norm's ``forward`` whose call depends on Python state: under ``torch.compile``,
+    such a call runs eagerly, outside the compiled graph (a deliberate graph break). ``when``:
+    "training" (the layers: their training step reads and advances Python ints and flags) or
+    "always" (a module whose every call depends on a Python counter).
+
+    Why: dynamo bakes the Python attributes it reads from a module into the graph. On torch 2.3 it
+    does not even guard them when the traced frame only reads them, so a compiled CBN kept the
+    iteration-0 path with an empty window for ever (plain BN); where it does guard them, a counter
+    that moves every iteration recompiles the whole model each step until the recompile limit. The
+    state (``_steps``, ``_num_stored``, ring slots, ``frozen``, warn-once flags) is therefore read
+    only in eager code, where it is current; the layers' autograd functions (MABN writes its Psi ring
+    in backward) run eagerly with it. Eval reads no Python state and compiles as usual.
+
+    Eager cost: one ``torch.compiler.is_compiling()`` call per forward; no host sync, no tensor op.
+    """
+    if when not in ("training", "always"):
+        raise ValueError(f"when must be 'training' or 'always', got {when!r}")
+
+    def decorate(forward):
+        eager_forward = torch.compiler.disable(forward)
+
+        @functools.wraps(forward)
+        def wrapper(self, *args, **kwargs):
+            if (when == "always" or self.training) and torch.compiler.is_compiling():
+                return eager_forward(self, *args, **kwargs)
+            return forward(self, *args, **kwargs)
+        return wrapper
+    return decorate
+
+
+NORM_NOT_SCRIPTABLE = ("its training step keeps Python state (iteration counters, windows, update rates) and runs "
+                       "custom autograd functions")
+
+
+def refuse_scripting(module, reason=NORM_NOT_SCRIPTABLE):
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on every module it compiles: a layer
+    TorchScript cannot express refuses there, saying what works instead, rather than failing inside
+    the TorchScript compiler."""
+    raise RuntimeError(
+        f"torch.jit.script does not support {type(module).__name__}: {reason}, which TorchScript cannot "
+        "compile. For deployment, put the model in eval mode and fold it: d2_smallbn.layers.fold_conv_norm(conv) "
+        "for a conv and its norm, d2_smallbn.modeling.fold_model(model) for a detectron2 model. The folded model "
+        "has plain convs (and BCN's GroupNormPerGroupAffine): it scripts, and exports with torch.jit.trace or "
+        "torch.onnx.export. torch.compile supports the unfolded layers.")
+
+
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -76,6 +125,9 @@ class NormBase(nn.Module):
     def __init__(self):
         super().__init__()
         self.frozen = False
+
+    def __prepare_scriptable__(self):
+        refuse_scripting(self)
 
     def _apply(self, fn, *args, **kwargs):
         fp32 = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.dtype == torch.float32}

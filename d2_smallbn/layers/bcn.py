@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import (NormBase, batch_mean_var, check_float, check_int, empty_output, full_precision,
-                      stat_dtype)
+                      outside_compiled_graphs, stat_dtype)
 
 
 def compute_dtype(x):
@@ -61,8 +61,24 @@ class GroupNormPerGroupAffine(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_groups))
 
     def forward(self, x):
+        if torch.jit.is_scripting():  # a folded BCN model scripts: TorchScript compiles only this branch
+            return _scripted_group_norm_per_group_affine(x, self.num_groups, self.weight, self.bias, self.eps)
         check_values_per_group(x, self.num_groups, type(self).__name__)
         return group_norm_per_group_affine(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _scripted_group_norm_per_group_affine(x: torch.Tensor, num_groups: int, group_weight: torch.Tensor,
+                                          group_bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``group_norm_per_group_affine`` and its one-value-per-group check in TorchScript's subset of
+    Python: statistics in float32 (float64 for a float64 input); TorchScript has no autocast to turn off."""
+    if x.numel() > 0 and x.numel() // (x.shape[0] * num_groups) == 1:
+        raise ValueError("GroupNormPerGroupAffine: one value per group: group normalization of a single value is "
+                         "0 whatever the input. Fix: use fewer groups or a larger feature map here")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    per_channel = x.shape[1] // num_groups
+    out = F.group_norm(x.to(dtype), num_groups, group_weight.to(dtype).repeat_interleave(per_channel),
+                       group_bias.to(dtype).repeat_interleave(per_channel), eps)
+    return out.to(x.dtype)
 
 
 def _check_groups(num_channels, num_groups):
@@ -104,6 +120,7 @@ class BatchChannelNorm2d(NormBase):
             self.update_rate.fill_(rate)
             self._rate_is_zero = rate == 0.0
 
+    @outside_compiled_graphs("training")
     def forward(self, x):
         check_values_per_group(x, self.num_groups, f"BatchChannelNorm2d({self.num_features})")
         if self.uses_batch and x.numel() > 0:

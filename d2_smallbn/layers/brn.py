@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import StepCounter, batch_mean_var, channel_affine, check_float, check_int, empty_output, stat_dtype
+from ._common import (StepCounter, batch_mean_var, channel_affine, check_float, check_int, empty_output,
+                      outside_compiled_graphs, stat_dtype)
 
 
 def ramp(iteration, start, end, low, high):
@@ -62,6 +63,7 @@ class BatchRenorm2d(StepCounter):
         return (ramp(iteration, start, max(start, self.r_max_iters), 1.0, self.r_max),
                 ramp(iteration, start, max(start, self.d_max_iters), 0.0, self.d_max))
 
+    @outside_compiled_graphs("training")
     def forward(self, x):
         if not self.uses_batch:
             scale, shift = self.eval_scale_shift()

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 from ._common import (StepCounter, batch_mean_var, channel_affine, check_float, check_int, empty_output,
-                      full_precision, stat_dtype)
+                      full_precision, outside_compiled_graphs, stat_dtype)
 from .conv import NormActConv2d
 
 _HISTORY = ("hist_mean", "hist_sqmean", "hist_mean_proj", "hist_sqmean_proj", "hist_dmean", "hist_dsqmean")
@@ -150,6 +150,7 @@ class CrossIterationBatchNorm2d(StepCounter):
 
     # ---- forward ------------------------------------------------------------------------
 
+    @outside_compiled_graphs("training")
     def forward(self, y, x=None, conv=None):
         if not self.uses_batch:
             scale, shift = self.eval_scale_shift()

@@ -28,7 +28,8 @@ sum(grad), and one pass for dx = a*grad - b*x.
 import torch
 from torch import nn
 
-from ._common import StepCounter, channel_affine, check_float, check_int, empty_output, stat_dtype
+from ._common import (StepCounter, channel_affine, check_float, check_int, empty_output, outside_compiled_graphs,
+                      refuse_scripting, stat_dtype)
 from .conv import NormActConv2d
 
 
@@ -78,6 +79,7 @@ class MovingAverageBatchNorm2d(StepCounter):
     def clips(self, t):
         return t > max(self.clip_warmup_iters, self.warmup_iters)
 
+    @outside_compiled_graphs("training")
     def forward(self, x):
         if not self.uses_batch:
             scale, shift = self.eval_scale_shift()
@@ -183,3 +185,6 @@ class CenteredConv2d(NormActConv2d):
         """W - mean(W) per filter, the mean in float32 (or float64), in the weight's dtype."""
         w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         return (w - w.mean(dim=tuple(range(1, w.dim())), keepdim=True)).to(self.weight.dtype)
+
+    def __prepare_scriptable__(self):
+        refuse_scripting(self, "its weight centring is Python code (float32 statistics over a dynamic tuple of dims)")

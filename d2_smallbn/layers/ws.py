@@ -9,7 +9,7 @@ The choice must match the checkpoint being loaded.
 """
 import torch
 
-from ._common import check_float
+from ._common import check_float, refuse_scripting
 from .conv import NormActConv2d
 
 WS_MODES = ("std", "var")
@@ -53,6 +53,9 @@ class WSConv2d(NormActConv2d):
 
     def effective_weight(self):
         return standardize_weight(self.weight, self.ws_eps, self.ws_mode)
+
+    def __prepare_scriptable__(self):
+        refuse_scripting(self, "its weight standardization is Python code (modes, float32 statistics)")
 
     def extra_repr(self):
         return super().extra_repr() + f", ws_eps={self.ws_eps}, ws_mode={self.ws_mode!r}"
