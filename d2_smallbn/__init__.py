@@ -5,12 +5,18 @@ Renormalization for detectron2.
 ``d2_smallbn`` with detectron2 installed teaches detectron2's ``get_norm`` the table's names and
 makes ``build_model`` convert the models it builds (idempotent; what exactly is changed is
 documented in ``d2_smallbn.modeling.patch``). ``convert_model(model, settings=None)`` is the one
-conversion call, for models built any other way (a LazyConfig's ``instantiate``). Importing it also
+conversion call, for models built any other way (a LazyConfig's ``instantiate``).
+``convert_batchnorm(model, "CBN", **layer_kwargs)`` (pure PyTorch, no detectron2 needed) turns any
+PyTorch model's BatchNorm2d layers into CBN, MABN, BCN or BRN. Importing ``d2_smallbn`` also
 registers the built-in dataset's names ``smallbn_shapes_train`` / ``smallbn_shapes_val`` (at
 ``d2_smallbn.data.default_root()``; no file is read or written until a split is loaded), as
 importing detectron2 registers its own datasets.
 """
 __version__ = "0.1.0"
+
+from .batchnorm_conversion import convert_batchnorm  # noqa: E402  (pure PyTorch)
+
+__all__ = ["convert_batchnorm"]
 
 try:
     import detectron2  # noqa: F401
@@ -24,4 +30,4 @@ else:
 
     _install()
     _register_shapes()
-    __all__ = ["add_smallbn_config", "check_smallbn_config", "convert_model"]
+    __all__ += ["add_smallbn_config", "check_smallbn_config", "convert_model"]

@@ -14,18 +14,29 @@ with the settings of whatever config type the user has:
 - gives RetinaNet's shared head one norm per FPN level;
 - with ``INIT: "he"``, re-initializes every normed conv (He, fan_out) and norm (gamma 1, beta 0).
 
+A converted model is marked so: converting it again (a LazyConfig whose ``model`` is already a call of
+the conversion, or a model loaded from a checkpoint) changes nothing, INIT included, and says so at
+info level. A model with nothing to convert (a plain PyTorch model) gets a warning that points to
+``d2_smallbn.convert_batchnorm``, the call for torch's BatchNorm2d layers.
+
 Every build path calls it exactly once: the ``build_model`` that ``import d2_smallbn`` installs
 (yacs or OmegaConf configs), ``d2_smallbn.model_zoo.get`` and the LazyConfig entry point; a
 user's own LazyConfig calls it once after ``instantiate``. A pending norm that reaches a forward
 raises an error that names this call.
 """
+import logging
 import math
+import warnings
 
 import torch
 from torch import nn
 
+from ..batchnorm_conversion import is_converted, mark_converted, rebuild_conv, replace_module
 from ..layers import NormActConv2d
+from ..layers._common import outside_compiled_graphs
 from ..norms import NORM_TYPES, NORMS, conv_class_for, conv_kwargs, resolve
+
+logger = logging.getLogger("d2_smallbn.conversion")
 
 
 class PendingNorm(nn.Module):
@@ -53,7 +64,8 @@ class PendingNorm(nn.Module):
 
 class PerLevelNorm(nn.Module):
     """One norm instance per FPN level for a conv shared across levels (RetinaNet's head):
-    call i uses norm i mod L, so each instance sees one level once per iteration."""
+    call i uses norm i mod L, so each instance sees one level once per iteration. The call counter
+    is Python state, so under torch.compile every call runs outside the compiled graph."""
 
     def __init__(self, norms):
         super().__init__()
@@ -65,6 +77,7 @@ class PerLevelNorm(nn.Module):
         for norm in self.norms:
             norm.attach(*args)
 
+    @outside_compiled_graphs("always")
     def forward(self, y, *conv_inputs):
         norm = self.norms[self._next]
         self._next = (self._next + 1) % len(self.norms)
@@ -82,33 +95,8 @@ def _name_of(norm):
     return None
 
 
-def replace_module(parent, name, new):
-    """``setattr(parent, name, new)``, also in the plain Python lists that some detectron2 modules
-    keep next to their registered children (FPN's ``lateral_convs`` and ``output_convs``)."""
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    for value in vars(parent).values():
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                if item is old:
-                    value[i] = new
-
-
 def _rebuild_conv(conv, cls, norm, activation, s):
-    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                  padding_mode=conv.padding_mode, norm=norm, activation=activation,
-                  device=conv.weight.device, dtype=conv.weight.dtype, **conv_kwargs(cls, s))
-    # A conv bias before a required conv (CBN) is cancelled by the normalization: dropped (d2 inits it to 0).
-    keep_bias = conv.bias is not None and not getattr(norm, "needs_conv_input", False)
-    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, bias=keep_bias, **kwargs)
-    with torch.no_grad():
-        new.weight.copy_(conv.weight)
-        new.weight.requires_grad_(conv.weight.requires_grad)
-        if keep_bias:
-            new.bias.copy_(conv.bias)
-            new.bias.requires_grad_(conv.bias.requires_grad)
-    new.train(conv.training)
-    return new
+    return rebuild_conv(conv, cls, norm, activation, **conv_kwargs(cls, s))
 
 
 def _scopes(model):
@@ -140,7 +128,7 @@ def _build(pending, s, scope):
     return norm
 
 
-def convert_model(model, settings=None, *, base_lr=None):
+def convert_model(model, settings=None, *, base_lr=None, expect_norms=True):
     """Builds the norms a config named and gives every normed conv its conv class. Returns ``model``,
     changed in place.
 
@@ -150,19 +138,32 @@ def convert_model(model, settings=None, *, base_lr=None):
     None for the defaults. ``base_lr``: BCN's starting update rate when ``UPDATE_RATE_MODE`` is
     "lr" and the settings carry no learning rate. Wrong types and unknown keys raise ValueError naming
     the key.
+
+    A model converted before is returned unchanged (INIT is not applied again, nor are this call's
+    settings), with a note at info level; so are the submodules of a model that were converted on
+    their own. ``expect_norms``: warn when the call changes nothing (``build_model`` passes False: a
+    stock detectron2 model has nothing to convert).
     """
     s = resolve(settings, base_lr)
+    if is_converted(model):
+        _refuse_new_pending_norms(model)
+        logger.info("convert_model: %s was converted already (its norms are built, its convs have their "
+                    "classes), so it is returned unchanged: neither INIT nor this call's settings are applied "
+                    "again", type(model).__name__)
+        return model
     _refuse_unfit_groups(model, s)
     scope_of = _scopes(model)
-    _split_shared_head_norms(model, s, scope_of)
+    changes = _split_shared_head_norms(model, s, scope_of)
+    done = _inside_converted(model)  # submodules converted on their own: left as they are
     replaced = set()  # convs swapped for a new one: their old children are not visited again
     for parent_name, parent in list(model.named_modules()):
-        if id(parent) in replaced:
+        if id(parent) in replaced or id(parent) in done:
             continue
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if isinstance(child, PendingNorm):  # a norm outside a conv (a user's own module)
                 replace_module(parent, child_name, _build(child, s, scope_of(full)))
+                changes += 1
             elif isinstance(child, nn.Conv2d) and getattr(child, "norm", None) is not None:
                 norm = child.norm
                 if isinstance(norm, PendingNorm):
@@ -171,11 +172,46 @@ def convert_model(model, settings=None, *, base_lr=None):
                 if cls is not None and type(child) is not cls:
                     replace_module(parent, child_name, _rebuild_conv(child, cls, norm, child.activation, s))
                     replaced.add(id(child))
+                    changes += 1
                 elif norm is not child.norm:
                     child.norm = norm
+                    changes += 1
     if s.INIT == "he":
         _he_init(model)
+    elif changes == 0:
+        if expect_norms:
+            _warn_nothing_to_convert(model)
+        return model
+    mark_converted(model)
     return model
+
+
+def _inside_converted(model):
+    """The ids of the modules inside submodules of ``model`` that were converted on their own."""
+    return {id(inner) for m in model.modules() if m is not model and is_converted(m) for inner in m.modules()}
+
+
+def _refuse_new_pending_norms(model):
+    pending = [name for name, m in model.named_modules() if isinstance(m, PendingNorm)]
+    if pending:
+        raise RuntimeError(
+            f"convert_model: {type(model).__name__} was converted already, but norms named by a config were added "
+            f"to it since: {', '.join(pending[:6])}{', ...' if len(pending) > 6 else ''}. A second conversion of the "
+            "whole model would apply INIT and the settings again to what was converted, so it is refused. Fix: "
+            "convert the new module on its own, with its settings, before adding it")
+
+
+def _warn_nothing_to_convert(model):
+    batchnorms = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    why = ("its norms are this project's already and its convs have their classes" if smallbn_norms(model) else
+           "it holds no norm named by a config (CBN, MABN, BCN or BRN given to detectron2's get_norm: a config's "
+           "NORM keys or a LazyConfig's norm= argument), which is what convert_model builds")
+    bn_note = ""
+    if batchnorms:
+        bn_note = (f" Its {len(batchnorms)} torch BatchNorm2d layer(s) (e.g. {batchnorms[0]!r}) stay BatchNorm: to "
+                   "turn a PyTorch model's BatchNorm2d layers into CBN, MABN, BCN or BRN, call "
+                   "d2_smallbn.convert_batchnorm(model, 'CBN') instead.")
+    warnings.warn(f"convert_model({type(model).__name__}): nothing to convert: {why}.{bn_note}", stacklevel=3)
 
 
 def _refuse_unfit_groups(model, s):
@@ -197,7 +233,9 @@ def _refuse_unfit_groups(model, s):
 
 def _split_shared_head_norms(model, s, scope_of):
     """RetinaNet's head applies one Sequential (conv, norm, ReLU, ...) to every level. Each of our
-    norms moves into its conv, one instance per level, so no norm is called twice per iteration."""
+    norms moves into its conv, one instance per level, so no norm is called twice per iteration.
+    Returns the number of convs changed."""
+    changes = 0
     for name, module in model.named_modules():
         levels = getattr(module, "_num_features", None)
         for seq_name in ("cls_subnet", "bbox_subnet"):
@@ -213,11 +251,16 @@ def _split_shared_head_norms(model, s, scope_of):
                     cls = conv_class_for(pending.name, s.CONV) or NormActConv2d
                     layers[i] = _rebuild_conv(conv, cls, per_level, None, s)
                     layers[i + 1] = nn.Identity()
+                    changes += 1
             setattr(module, seq_name, nn.Sequential(*layers))
+    return changes
 
 
 def _he_init(model):
+    done = _inside_converted(model)
     for module in model.modules():
+        if id(module) in done:
+            continue
         if isinstance(module, nn.Conv2d) and getattr(module, "norm", None) is not None:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:

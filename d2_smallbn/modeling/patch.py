@@ -44,7 +44,7 @@ def _wrap_get_norm(original):
 
 def _wrap_build_model(original):
     def build_model(cfg):
-        return convert_model(original(cfg), cfg)
+        return convert_model(original(cfg), cfg, expect_norms=False)  # a stock model has nothing to convert
 
     return build_model
 
