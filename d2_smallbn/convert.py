@@ -32,6 +32,13 @@ makes from them has that buffer and reports it missing otherwise) and dropped fo
 FrozenBatchNorm2d built by NORM "FrozenBN" has no such buffer and would report it unexpected).
 What has no exact counterpart in the target is reported as unmapped, key by key, with the reason.
 
+Convs cannot say whether they were trained with weight standardization or centring (both happen in
+the forward; the raw weights are stored), so ``--conv ws|centered|plain`` states it. It is written
+into the .pkl (``"d2_smallbn"``: the weight transform, the source norm layouts and the targets) with
+the matching ``MODEL.SMALLBN.CONV`` hint, and fine-tuning (``d2_smallbn.engine.weights_check``) stops
+before training when the config's backbone convs, norms or depth do not fit it; "unknown" (the
+default) leaves the convs unchecked.
+
 Loading (detectron2 0.7.2): DetectionCheckpointer reads a .pkl with "model" and "__author__" as is
 (any other .pkl is taken for Caffe2 and renamed, '_' -> '.'); matching_heuristics aligns names by
 suffix, so the file loads into a bare ResNet or into backbone.bottom_up of a detector; a key whose
@@ -48,7 +55,7 @@ import pickle
 import re
 from collections import Counter
 
-from .norms import NORMS
+from .norms import CONV_TYPES, NORMS, conv_class_for
 from .paths import check_output_paths
 
 AUTHOR = "d2_smallbn convert_weights"
@@ -63,6 +70,9 @@ TARGETS = ("auto",) + STOCK_TARGETS + tuple(TABLE_TARGETS)
 BN_COUNTER_TARGETS = ("bn", "syncbn")
 # The checkpoint layouts this module reads (classify_norm) -> the target they convert to by default.
 NATURAL_TARGET = {"BN": "bn", "GN": "gn", "BCN": "bcn", "MABN": "mabn"}
+# What the convs did to their weights in training (--conv): MODEL.SMALLBN.CONV's vocabulary, or unknown.
+WEIGHT_TRANSFORMS = ("unknown",) + tuple(k for k in CONV_TYPES if k != "auto")
+METADATA_KEY = "d2_smallbn"  # the .pkl's entry describing what was converted (see save_d2_pickle)
 
 _NORM_RE = re.compile(r"^(?P<mod>bn1|layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?:bn(?P<j>\d)|downsample\.1))"
                       r"\.(?P<rest>.+)$")
@@ -337,13 +347,16 @@ def convert_norm(sub, kind, target, num_groups):
     return res
 
 
-def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier=False):
+def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier=False, weight_transform="unknown"):
     """Converts a torchvision-style ResNet state dict. Returns a report dict whose "model" entry is the
-    detectron2 state dict (name -> tensor); see ``convert_file`` for the other entries."""
+    detectron2 state dict (name -> tensor); see ``convert_file`` for the other entries.
+    ``weight_transform``: what the convs did to their weights in training (WEIGHT_TRANSFORMS)."""
     import torch
 
     if target_norm not in TARGETS:
         raise ValueError(f"target norm must be one of {TARGETS}, got {target_norm!r}")
+    if weight_transform not in WEIGHT_TRANSFORMS:
+        raise ValueError(f"weight transform must be one of {WEIGHT_TRANSFORMS}, got {weight_transform!r}")
     state, stripped = strip_module_prefix(state)
     model, mapping, dropped, unmapped, notes = {}, [], [], [], []
     layouts, targets_used = Counter(), Counter()
@@ -400,9 +413,12 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
     if any(k.endswith(".norm.running_var") and k[: -len("running_var")] + "num_batches_tracked" not in model
            for k in model) and set(targets_used) & set(BN_COUNTER_TARGETS):
         expected.add("*.norm.num_batches_tracked")  # FrozenBatchNorm2d reports it when absent
+    hints = config_hints(state, targets_used, report_groups(model, num_groups), weight_transform)
+    notes += conv_notes(targets_used, weight_transform)
     return {
         "model": model,
-        "config_hints": config_hints(state, targets_used, report_groups(model, num_groups)),
+        "config_hints": hints,
+        "weight_transform": weight_transform,
         "module_prefix_stripped": stripped,
         "target_norm": target_norm,
         "targets_used": dict(targets_used),
@@ -418,8 +434,18 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
 
 _DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50, (3, 4, 23, 3, True): 101,
            (3, 8, 36, 3, True): 152}
+
+
+def resnet_depth(blocks, bottleneck):
+    """The ResNet depth of ``blocks`` per stage (res2-res5) of basic or bottleneck blocks, or None."""
+    return _DEPTHS.get(tuple(blocks) + (bool(bottleneck),))
 _NORM_NAMES = {"bn": "BN", "frozenbn": "FrozenBN", "syncbn": "SyncBN", "gn": "GN",
                **{target: spec.name for target, spec in TABLE_TARGETS.items()}}
+
+
+def target_norm_name(target):
+    """The MODEL.RESNETS.NORM that a conversion target is written for ("frozenbn" -> "FrozenBN")."""
+    return _NORM_NAMES[target]
 
 
 def report_groups(model, default):
@@ -428,8 +454,8 @@ def report_groups(model, default):
     return sizes.pop() if len(sizes) == 1 else default
 
 
-def config_hints(state, targets_used, groups):
-    """detectron2 config values these weights need (depth, stride placement, input format, norm)."""
+def config_hints(state, targets_used, groups, weight_transform="unknown"):
+    """detectron2 config values these weights need (depth, stride placement, input format, norm, conv)."""
     blocks = Counter()
     for key in state:
         m = re.match(r"^layer([1-4])\.(\d+)\.", key)
@@ -450,11 +476,39 @@ def config_hints(state, targets_used, groups):
         hints["MODEL.RESNETS.NORM"] = _NORM_NAMES[target]
         if target == "bcn":
             hints["MODEL.SMALLBN.BCN.NUM_GROUPS"] = groups
+        conv = conv_setting(_NORM_NAMES[target], weight_transform)
+        if conv:
+            hints["MODEL.SMALLBN.CONV"] = conv
     # torchvision's ImageNet preprocessing (RGB, mean/std in 0-255 units); detectron2's defaults are Caffe2's BGR
     hints["INPUT.FORMAT"] = "RGB"
     hints["MODEL.PIXEL_MEAN"] = [123.675, 116.28, 103.53]
     hints["MODEL.PIXEL_STD"] = [58.395, 57.12, 57.375]
     return hints
+
+
+def conv_setting(norm_name, weight_transform):
+    """MODEL.SMALLBN.CONV that gives norm ``norm_name``'s convs ``weight_transform``: None when its
+    "auto" conv already does, or when the transform is unknown or impossible for the norm."""
+    if weight_transform == "unknown":
+        return None
+    try:
+        wanted = conv_class_for(norm_name, weight_transform)
+    except ValueError:  # the norm needs its own conv class (CBN)
+        return None
+    return None if wanted is conv_class_for(norm_name, "auto") else weight_transform
+
+
+def conv_notes(targets_used, weight_transform):
+    """Notes for targets whose norm cannot have convs of ``weight_transform`` (CBN's own conv)."""
+    notes = []
+    for target in targets_used:
+        name = _NORM_NAMES[target]
+        try:
+            conv_class_for(name, "plain" if weight_transform == "unknown" else weight_transform)
+        except ValueError:
+            notes.append(f"all norms: {name} needs its own conv ({conv_class_for(name).__name__}, plain weights); "
+                         f"{weight_transform} weights do not fit it (fine-tuning refuses them)")
+    return notes
 
 
 def _dedupe_notes(notes):
@@ -487,14 +541,17 @@ def to_numpy(tensor):
     return t.contiguous().numpy().copy()
 
 
-def save_d2_pickle(model, path):
-    """Writes {"model": {name: ndarray}, "__author__": AUTHOR, "matching_heuristics": True}.
+def save_d2_pickle(model, path, metadata=None):
+    """Writes {"model": {name: ndarray}, "__author__": AUTHOR, "matching_heuristics": True}, plus
+    ``metadata`` under METADATA_KEY when given (DetectionCheckpointer ignores other entries).
 
     DetectionCheckpointer reads a ``.pkl`` with "model" and "__author__" as detectron2 format; an
     author other than "Caffe2" skips the Caffe2 renaming (which would turn '_' into '.', e.g.
     running_sqmean into running.sqmean); matching_heuristics aligns names by suffix, so the keys
     also load into a backbone nested in a detector (backbone.bottom_up.res2...)."""
     data = {"model": {k: to_numpy(v) for k, v in model.items()}, "__author__": AUTHOR, "matching_heuristics": True}
+    if metadata is not None:
+        data[METADATA_KEY] = metadata
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -510,7 +567,7 @@ def default_report_path(output):
 
 
 def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier=False, report_path=None,
-                 trust_pickle=False):
+                 trust_pickle=False, weight_transform="unknown"):
     """Reads ``src``, converts, writes ``output`` (.pkl) and the JSON report. Returns the report
     (without the tensors). Raises ConvertError for unusable files."""
     if not output.endswith(".pkl"):
@@ -522,7 +579,7 @@ def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier
                        error=ConvertError)
     state = load_checkpoint(src, trust_pickle=trust_pickle)
     try:
-        report = convert_state_dict(state, target_norm, num_groups, keep_classifier)
+        report = convert_state_dict(state, target_norm, num_groups, keep_classifier, weight_transform)
     except ValueError as e:
         raise ConvertError(src, str(e), "pass a single model's state dict") from None
     model = report.pop("model")
@@ -530,7 +587,7 @@ def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier
         raise ConvertError(src, f"no torchvision ResNet keys found ({len(state)} keys, e.g. "
                            f"{', '.join(list(state)[:3])})",
                            "pass a ResNet checkpoint with conv1/bn1/layer1-4 keys")
-    save_d2_pickle(model, output)
+    save_d2_pickle(model, output, converted_metadata(src, report))
     report = {"source": os.path.abspath(src), "output": os.path.abspath(output),
               "num_source_keys": len(state), "num_output_keys": len(model), **report}
     report["report"] = os.path.abspath(report_path)
@@ -544,6 +601,30 @@ def convert_file(src, output, target_norm="auto", num_groups=32, keep_classifier
     return report
 
 
+def converted_metadata(src, report):
+    """What the .pkl says about its conversion, for the fine-tuning check: the source file, its
+    norm layouts, the targets written and the convs' weight transform."""
+    return {"source": os.path.abspath(src), "source_norm_layouts": report["source_norm_layouts"],
+            "targets_used": report["targets_used"], "weight_transform": report["weight_transform"],
+            "num_groups": report["num_groups"]}
+
+
+_LAYOUT_SAMPLES = {  # one norm of each layout this module reads (64 channels), to ask convert_norm
+    "BN": ("weight", "bias", "running_mean", "running_var"),
+    "GN": ("weight", "bias"),
+    "MABN": ("weight", "bias", "running_sqmean"),
+    "BCN": ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "gn.weight", "gn.bias"),
+}
+
+
+def convertible_targets(layout, num_groups=32):
+    """The targets a norm of ``layout`` ("BN", "GN", "BCN", "MABN") converts to with nothing unmapped."""
+    import torch
+
+    sample = {leaf: torch.ones(num_groups if leaf.startswith("gn.") else 64) for leaf in _LAYOUT_SAMPLES[layout]}
+    return [t for t in TARGETS[1:] if not convert_norm(sample, layout, t, num_groups).unmapped]
+
+
 def format_report(report):
     lines = [f"converted {report['source']} -> {report['output']}",
              f"  {report['num_output_keys']} tensors written from {report['num_source_keys']} keys"
@@ -553,6 +634,9 @@ def format_report(report):
                                   or "none")
              + "; written for: " + (", ".join(f"{t} x{n}" for t, n in sorted(report["targets_used"].items()))
                                     or "-")]
+    lines.append(f"  convs trained with weight transform: {report['weight_transform']}"
+                 + (" (--conv not given: fine-tuning cannot check WS/centring)"
+                    if report["weight_transform"] == "unknown" else ""))
     derived = Counter(m["how"] for m in report["mapped"] if m["how"] != "copy")
     for how, n in sorted(derived.items()):
         lines.append(f"  {n} x {how}")
@@ -595,6 +679,11 @@ def main(argv=None):
                              "bn/syncbn); mabn writes running_sqmean = running_var + running_mean^2")
     parser.add_argument("--num-groups", type=int, default=32,
                         help="BCN groups (MODEL.SMALLBN.BCN.NUM_GROUPS), to reduce a per-channel group affine")
+    parser.add_argument("--conv", default="unknown", choices=WEIGHT_TRANSFORMS,
+                        help="what the checkpoint's convs did to their weights in training: ws (weight "
+                             "standardization, e.g. GN+WS / BCN+WS), centered (weight centralization, MABN), "
+                             "plain; recorded in the .pkl so that fine-tuning checks the config's convs "
+                             "(MODEL.SMALLBN.CONV); unknown (default): not checked")
     parser.add_argument("--keep-classifier", action="store_true", help="write fc.* as linear.* instead of dropping it")
     parser.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
     parser.add_argument("--strict", action="store_true", help="exit with 1 if any key could not be mapped")
@@ -605,7 +694,7 @@ def main(argv=None):
         parser.error("--num-groups must be >= 1")
     try:
         report = convert_file(args.input, args.output, args.target_norm, args.num_groups, args.keep_classifier,
-                              args.report, args.trust_pickle)
+                              args.report, args.trust_pickle, args.conv)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ import contextlib
 import os
 import re
 
+from .weights_check import WeightsMismatchError
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read; the message names the file, the earlier ones and the fix."""
@@ -21,6 +23,8 @@ def explain_unreadable_checkpoint(checkpointer, weights, resume):
     error passes through unchanged."""
     try:
         yield
+    except WeightsMismatchError:
+        raise  # the file was read: it does not fit the model
     except Exception as err:
         resuming = resume and checkpointer.has_checkpoint()
         path = checkpointer.get_checkpoint_file() if resuming else weights

@@ -23,6 +23,7 @@ from ..modeling import convert_model
 from .ddp import create_ddp_model
 from .defaults import setup_smallbn_logger
 from .hooks import SmallBNHook
+from .weights_check import checked_initial_weights
 
 logger = logging.getLogger("d2_smallbn")
 
@@ -76,7 +77,9 @@ def do_train(cfg, resume=False):
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main else None,
     ])
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    # a backbone that does not fit init_checkpoint stops here, before training
+    with checked_initial_weights(checkpointer, cfg.train.init_checkpoint, resume):
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
     return trainer

@@ -14,6 +14,7 @@ from ..norms import NORM_TYPES
 from .checkpoint import explain_unreadable_checkpoint
 from .ddp import cpu_safe_ddp
 from .hooks import SmallBNHook
+from .weights_check import checked_initial_weights
 
 
 def norm_param_groups(groups, model, weight_decay_norm):
@@ -64,7 +65,9 @@ class SmallBNTrainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     def resume_or_load(self, resume=True):
-        with explain_unreadable_checkpoint(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume):
+        weights = self.cfg.MODEL.WEIGHTS
+        with explain_unreadable_checkpoint(self.checkpointer, weights, resume), \
+                checked_initial_weights(self.checkpointer, weights, resume):  # a backbone that does not fit stops
             super().resume_or_load(resume=resume)
 
     @classmethod

@@ -55,7 +55,8 @@ def _yaml_files():
 
 
 ALL_CONFIGS = _yaml_files()
-PAPER_CONFIGS = [c for c in ALL_CONFIGS if not c.startswith("quickstart/")]
+# quickstart/: the main job's configs; pretrained/: the quickstart fine-tuned from a pretrained backbone
+PAPER_CONFIGS = [c for c in ALL_CONFIGS if not c.startswith(("quickstart/", "pretrained/"))]
 
 # ------------------------------------------------------------------------------------------------
 # The paper rows (experiments.md). backbone: RESNETS.NORM; heads: the norm of the FPN and of every
@@ -419,6 +420,12 @@ def model_intent(name, cfg):
     if name in ROWS or name in ALIASES:
         row = row_of(name)
         return row.arch, row.backbone, row.heads, row.conv, expected_freeze_at(row)
+    if name.startswith("pretrained/"):  # <backbone norm>_<FPN/heads norm>, fine-tuned with FREEZE_AT 2
+        backbone, heads = re.search(r"_FPN_([a-z]+)_([a-z]+)\.yaml$", name).groups()
+        norms = {**QUICKSTART_NORMS, "frozenbn": "FrozenBN", "bcnws": "BCN"}
+        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
+        assert cfg.INPUT.FORMAT == "RGB" and list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
+        return "mask", norms[backbone], norms[heads], "auto", 2
     # quickstart: one norm everywhere (the file name), trained from scratch
     norm = QUICKSTART_NORMS[re.search(r"_FPN_([a-z]+)", name).group(1)]
     assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
