@@ -6,5 +6,7 @@ call the same ``main``):
     study_accuracy      COCO AP of quickstart runs per norm and seed
     study_cbn_fidelity  how well CBN's compensated statistics track the true ones
     study_mabn_premise  MABN's premise: moving averages of the batch statistics' gradients
+    pretrain            the pretrained regime's backbones: R18 classifiers of object crops (docs/pretrained.md)
+    crops               pretrain's data: object crops of a generated smallbn_shapes set
     common              the shared helpers (summaries, device info, JSON, plots)
 """
