@@ -298,7 +298,7 @@ def statistics_error(metrics_json):
     return {"records": len(entries), **{k[len(STATS_ERROR):]: statistics.fmean(e[k] for e in entries if k in e)
                                         for k in keys},
             "curve": {"iteration": [e["iteration"] for e in entries],
-                      **{key: [e[STATS_ERROR + key] for e in entries] for key in ("mean", "var")}}}
+                      **{key: [e.get(STATS_ERROR + key) for e in entries] for key in ("mean", "var", "sqmean")}}}
 
 
 def spread(m):
@@ -311,8 +311,8 @@ def spread(m):
 def table(report):
     per_gpu = any(e["processes"] > 1 for e in report.values())
     lines = ["| setting | images / iter | seeds | box AP | box AP50 | mask AP | mask AP50 | s / iter |"
-             + (" processes | statistics error, mean | statistics error, var |" if per_gpu else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if per_gpu else "")]
+             + (" processes | statistics error: mean | var | second moment |" if per_gpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if per_gpu else "")]
     for setting, e in report.items():
         times = [s["seconds_per_iteration"] for s in e["seeds"].values() if s["seconds_per_iteration"]]
         cells = " | ".join(spread(e[f"{task}_{key}"]) for task, key in METRICS)
@@ -320,8 +320,9 @@ def table(report):
         line = f"| {setting} | {e['images_per_iteration']} | {len(e['seeds'])} | {cells} | {speed} |"
         if per_gpu:
             errors = [s["statistics_error"] for s in e["seeds"].values() if s["statistics_error"]]
-            cells = [f"{statistics.fmean(r[key] for r in errors):.3f}" if errors else "-" for key in ("mean", "var")]
-            line += f" {e['processes']} | {cells[0]} | {cells[1]} |"
+            cells = [f"{statistics.fmean(r[key] for r in errors if key in r):.3f}"
+                     if any(key in r for r in errors) else "-" for key in ("mean", "var", "sqmean")]
+            line += f" {e['processes']} | " + " | ".join(cells) + " |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -6,14 +6,17 @@ past iterations; MABN moving averages; BRN renormalized batch statistics; BCN it
 estimates. Each paper's mechanism is a claim that its statistics are closer to the whole batch's
 than per-GPU BN's. This measures it in the run, at a few layers, per channel c:
 
-    mean error = |mean_used - mean_all| / sqrt(var_all + eps)
-    var error  = |var_used - var_all| / (var_all + eps)
+    mean error   = |mean_used - mean_all| / sqrt(var_all + eps)
+    var error    = |var_used - var_all| / (var_all + eps)
+    sqmean error = |(var_used + mean_used^2) - (var_all + mean_all^2)| / (var_all + mean_all^2 + eps)
 
 averaged over channels, then over processes. ``mean_all``/``var_all`` come from every process's
 per-channel sums (gathered); ``mean_used``/``var_used`` from ``d2_smallbn.layers.statistics``. MABN
 normalizes by the second moment without subtracting a mean, so its mean_used is 0 and its var_used
 is its moving average of x^2 over r^2: its errors are those of the normalization it applies, as for
-the others. GN and frozen norms use no batch statistics and are not measured.
+the others; its sqmean error is that of its own estimate of the second moment E[x^2] (for the
+others, of the second moment their mean and variance imply). GN and frozen norms use no batch
+statistics and are not measured.
 """
 import logging
 import math
@@ -31,6 +34,7 @@ from ..norms import spec_of
 logger = logging.getLogger(__name__)
 
 # label -> module name in detectron2's R-FPN Mask R-CNN: the stem, a mid backbone block, the FPN, the box head
+ERRORS = ("mean", "var", "sqmean")
 LAYERS = {"stem": "backbone.bottom_up.stem.conv1.norm", "res3": "backbone.bottom_up.res3.0.conv1.norm",
           "fpn": "backbone.fpn_output3.norm", "box_head": "roi_heads.box_head.conv1.norm"}
 
@@ -48,7 +52,7 @@ class StatisticsError:
     name}; names absent from the model or not batch-statistics norms are skipped, see ``skipped``).
 
     ``armed = True`` makes each layer record its next training forward; ``measure()`` (collective:
-    every process calls it) returns {label: {"mean": error, "var": error}} for the layers recorded on
+    every process calls it) returns {label: {"mean": error, "var": error, "sqmean": error}} for the layers recorded on
     every process, and disarms.
     """
 
@@ -88,7 +92,7 @@ class StatisticsError:
             var_all = (totals[2] / totals[0] - mean_all.square()).clamp_min(0.0)
             per_process = [relative_errors(r[label]["mean"], r[label]["var"], mean_all, var_all, r[label]["eps"])
                            for r in gathered]
-            errors[label] = {key: sum(e[key] for e in per_process) / len(per_process) for key in ("mean", "var")}
+            errors[label] = {key: sum(e[key] for e in per_process) / len(per_process) for key in ERRORS}
         return errors
 
     def remove(self):
@@ -98,10 +102,11 @@ class StatisticsError:
 
 
 def relative_errors(mean, var, mean_all, var_all, eps):
-    """{"mean": |mean - mean_all| / sqrt(var_all + eps), "var": |var - var_all| / (var_all + eps)},
-    each averaged over the channels where it is defined."""
-    scale = var_all + eps
-    per_channel = {"mean": (mean - mean_all).abs() / scale.sqrt(), "var": (var - var_all).abs() / scale}
+    """{"mean": ..., "var": ..., "sqmean": ...} (see the module docstring), each averaged over the
+    channels where it is defined."""
+    scale, sqmean_all = var_all + eps, var_all + mean_all.square()
+    per_channel = {"mean": (mean - mean_all).abs() / scale.sqrt(), "var": (var - var_all).abs() / scale,
+                   "sqmean": (var + mean.square() - sqmean_all).abs() / (sqmean_all + eps)}
     out = {}
     for key, values in per_channel.items():
         finite = values[torch.isfinite(values)]
@@ -119,8 +124,8 @@ def _all_gather(obj):
 
 class StatisticsErrorHook(HookBase):
     """Measures ``StatisticsError`` every ``period`` iterations on every process and puts into the
-    trainer's storage (metrics.json) ``stats_error/<label>/mean``, ``stats_error/<label>/var`` and
-    their averages over the measured layers, ``stats_error/mean`` and ``stats_error/var``.
+    trainer's storage (metrics.json) ``stats_error/<label>/<error>`` (mean, var, sqmean) and their
+    averages over the measured layers, ``stats_error/<error>``.
 
     Every process must run it (the gather is collective). ``period`` should be a multiple of the
     writers' period (20 in DefaultTrainer) so that every value reaches metrics.json.
@@ -150,7 +155,7 @@ class StatisticsErrorHook(HookBase):
         errors = self.probe.measure()
         if comm.is_main_process() and errors:
             scalars = {f"stats_error/{label}/{key}": value for label, e in errors.items() for key, value in e.items()}
-            for key in ("mean", "var"):
+            for key in ERRORS:
                 scalars[f"stats_error/{key}"] = sum(e[key] for e in errors.values()) / len(errors)
             self.trainer.storage.put_scalars(smoothing_hint=False, **scalars)
 

@@ -82,19 +82,21 @@ def test_every_process_gets_the_same_errors_at_both_layers(runs):
 def test_naive_sync_bn_has_zero_error(runs):
     for step in runs[True][0]["errors"]:
         for layer, error in step.items():
-            assert error["mean"] < 1e-6 and error["var"] < 1e-5, (layer, error)
+            assert error["mean"] < 1e-6 and error["var"] < 1e-5 and error["sqmean"] < 1e-5, (layer, error)
 
 
 def expected_per_process_error(inputs):
     """The per-image deviation from the whole batch's statistics, averaged over channels and processes."""
     whole_mean, whole_var = inputs.mean((0, 2, 3)), inputs.var((0, 2, 3), unbiased=False)
     scale = whole_var + EPS
-    mean_errors, var_errors = [], []
+    whole_sqmean = inputs.square().mean((0, 2, 3))
+    errors = {"mean": [], "var": [], "sqmean": []}
     for image in inputs:
         mean, var = image.mean((1, 2)), image.var((1, 2), unbiased=False)
-        mean_errors.append(((mean - whole_mean).abs() / scale.sqrt()).mean())
-        var_errors.append(((var - whole_var).abs() / scale).mean())
-    return {"mean": torch.stack(mean_errors).mean().item(), "var": torch.stack(var_errors).mean().item()}
+        errors["mean"].append(((mean - whole_mean).abs() / scale.sqrt()).mean())
+        errors["var"].append(((var - whole_var).abs() / scale).mean())
+        errors["sqmean"].append(((image.square().mean((1, 2)) - whole_sqmean).abs() / (whole_sqmean + EPS)).mean())
+    return {key: torch.stack(values).mean().item() for key, values in errors.items()}
 
 
 def test_per_process_bn_error_is_the_per_image_deviation(runs):
@@ -104,5 +106,5 @@ def test_per_process_bn_error_is_the_per_image_deviation(runs):
             inputs = torch.cat([r["inputs"][step][layer] for r in results]).double()
             want = expected_per_process_error(inputs)
             assert want["mean"] > 0.01  # the images differ: the agreement is not trivial
-            assert error[layer]["mean"] == pytest.approx(want["mean"], rel=1e-4), (step, layer)
-            assert error[layer]["var"] == pytest.approx(want["var"], rel=1e-4), (step, layer)
+            for key in ("mean", "var", "sqmean"):
+                assert error[layer][key] == pytest.approx(want[key], rel=1e-4), (step, layer, key)

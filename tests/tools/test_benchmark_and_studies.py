@@ -335,16 +335,16 @@ def test_study_per_gpu_regime_runs_processes_records_the_statistics_error_and_re
         error = run["statistics_error"]  # one record (iteration 0 of 2) of all four layers
         assert error["records"] == 1
         for layer in ("stem", "res3", "fpn", "box_head"):
-            assert {f"{layer}/mean", f"{layer}/var"} <= set(error)
+            assert {f"{layer}/mean", f"{layer}/var", f"{layer}/sqmean"} <= set(error)
         if name == "bn":  # one image per process: each normalizes with its own image's statistics
             assert _positive(error["mean"]) and _positive(error["var"])
         else:  # naiveSyncBN normalizes with the whole batch's
-            assert error["mean"] < 1e-4 and error["var"] < 1e-4, error
+            assert error["mean"] < 1e-4 and error["var"] < 1e-4 and error["sqmean"] < 1e-4, error
         results = json.loads((out / "runs" / f"{name}_seed0" / "results.json").read_text())
         assert results["processes"] == 2
         config = (out / "runs" / f"{name}_seed0" / "config.yaml").read_text()
         assert "IMS_PER_BATCH: 2" in config and ("naiveSyncBN" in config) == (name == "syncbn")
-    assert "| processes | statistics error, mean | statistics error, var |" in proc.stdout
+    assert "| processes | statistics error: mean | var | second moment |" in proc.stdout
 
     # a run without results (interrupted) is run again; the finished one is reused
     (out / "runs" / "syncbn_seed0" / "results.json").unlink()
