@@ -43,8 +43,8 @@ def check_phases(s, model, prefix="MODEL.SMALLBN"):
     short = short_phases(s, used)
     for name, key, value, least, reason in short:
         logger.warning("!!! %s.%s.%s = %d is too short: %s. Shorter, the layer relies on an estimate that still "
-                       "reflects its start, and the run does not measure the method. Fix: set it to at least %d "
-                       "(d2-smallbn-quickstart --iters scales it by this rule).", prefix, name, key, value, reason,
+                       "reflects its start, which its paper's schedule never does. Fix: set it to at least %d "
+                       "(d2_smallbn.norms.scale_phases scales a schedule by this rule).", prefix, name, key, value, reason,
                        least)
     return short
 
