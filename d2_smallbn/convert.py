@@ -71,6 +71,7 @@ BN_COUNTER_TARGETS = ("bn", "syncbn")
 # The checkpoint layouts this module reads (classify_norm) -> the target they convert to by default.
 NATURAL_TARGET = {"BN": "bn", "GN": "gn", "BCN": "bcn", "MABN": "mabn"}
 # What the convs did to their weights in training (--conv): MODEL.SMALLBN.CONV's vocabulary, or unknown.
+TRANSFORM_WORDS = {"plain": "plain weights", "ws": "weight standardization", "centered": "weight centralization"}
 WEIGHT_TRANSFORMS = ("unknown",) + tuple(k for k in CONV_TYPES if k != "auto")
 METADATA_KEY = "d2_smallbn"  # the .pkl's entry describing what was converted (see save_d2_pickle)
 
@@ -414,7 +415,7 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
            for k in model) and set(targets_used) & set(BN_COUNTER_TARGETS):
         expected.add("*.norm.num_batches_tracked")  # FrozenBatchNorm2d reports it when absent
     hints = config_hints(state, targets_used, report_groups(model, num_groups), weight_transform)
-    notes += conv_notes(targets_used, weight_transform)
+    notes += conv_notes(targets_used, weight_transform) + transform_notes(targets_used, weight_transform)
     return {
         "model": model,
         "config_hints": hints,
@@ -508,6 +509,27 @@ def conv_notes(targets_used, weight_transform):
         except ValueError:
             notes.append(f"all norms: {name} needs its own conv ({conv_class_for(name).__name__}, plain weights); "
                          f"{weight_transform} weights do not fit it (fine-tuning refuses them)")
+    return notes
+
+
+def transform_notes(targets_used, weight_transform):
+    """Notes for targets whose norm's default conv transforms the weights (MABN's centring, BCN's WS)
+    when the checkpoint's convs are not known to have trained with that transform: applied to weights
+    trained without it, the transform changes the pretrained features completely."""
+    notes = []
+    for target in targets_used:
+        name = _NORM_NAMES[target]
+        conv = conv_class_for(name, "auto") if name in NORMS else None
+        transform = next((key for key, cls in CONV_TYPES.items() if cls is not None and cls is conv), None)
+        if transform is None or weight_transform == transform:
+            continue
+        known = "these convs were trained without it" if weight_transform == "plain" else \
+            "nothing says these convs were trained with it"
+        notes.append(f"all norms: {name}'s default conv ({conv.__name__}) applies {TRANSFORM_WORDS[transform]} to the "
+                     f"weights, and {known}: on weights trained without it, that changes the pretrained features "
+                     f"completely. For plain BN-pretrained weights, train with MODEL.SMALLBN.CONV plain (and convert "
+                     f"with --conv plain to record it); if the checkpoint was trained with {TRANSFORM_WORDS[transform]}, "
+                     f"convert with --conv {transform}")
     return notes
 
 

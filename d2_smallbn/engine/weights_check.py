@@ -29,7 +29,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from torch import nn
 
-from ..convert import (AUTHOR, METADATA_KEY, conv_setting, convertible_targets, resnet_depth,
+from ..convert import (AUTHOR, METADATA_KEY, TRANSFORM_WORDS, conv_setting, convertible_targets, resnet_depth,
                        target_norm_name)
 from ..layers._common import NormBase
 from ..norms import CONV_TYPES, spec_of
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 _CONV_PATH = re.compile(r"(?:^|\.)(stem\.conv1|res[2-5]\.\d+\.(?:conv\d|shortcut))\.(.+)$")
 _STOCK_TARGETS = ((FrozenBatchNorm2d, "frozenbn"), (NaiveSyncBatchNorm, "syncbn"), (nn.SyncBatchNorm, "syncbn"),
                   (nn.BatchNorm2d, "bn"), (nn.GroupNorm, "gn"))
-_TRANSFORMS = {"plain": "plain weights", "ws": "weight standardization", "centered": "weight centralization"}
 _COUNTERS = {"num_batches_tracked"}
 
 
@@ -237,17 +236,17 @@ def conv_problems(convs, metadata):
     ours = Counter(weight_transform(conv) for conv in convs.values())
     if set(ours) == {theirs}:
         return []
-    found = ", ".join(f"{_TRANSFORMS[t]} x{n}" for t, n in sorted(ours.items()))
+    found = ", ".join(f"{TRANSFORM_WORDS[t]} x{n}" for t, n in sorted(ours.items()))
     norm = reference_norm(convs)
     name = target_norm_name(norm_target(norm)) if norm is not None and norm_target(norm) else None
     setting = conv_setting(name, theirs) if name else None
     if setting:
         fix = f"MODEL.SMALLBN.CONV {setting}"
     elif name and theirs in ("ws", "centered"):
-        fix = f"{name} cannot have {_TRANSFORMS[theirs]}: fine-tune it from a backbone pretrained with plain convs"
+        fix = f"{name} cannot have {TRANSFORM_WORDS[theirs]}: fine-tune it from a backbone pretrained with plain convs"
     else:
         fix = f"MODEL.SMALLBN.CONV {theirs}, or weights pretrained with the config's convs"
-    return [Problem("weight transform", f"the checkpoint's convs were trained with {_TRANSFORMS[theirs]} "
+    return [Problem("weight transform", f"the checkpoint's convs were trained with {TRANSFORM_WORDS[theirs]} "
                     f"({theirs}), the config's backbone convs have {found}", fix)]
 
 

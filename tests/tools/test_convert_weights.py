@@ -490,3 +490,27 @@ def test_report_path_that_is_the_output_is_refused_and_nothing_written(tmp_path,
     assert out.read_bytes() == b"weights of an earlier conversion"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pkl", "r18.pth"]
 
+
+
+@pytest.mark.parametrize("target, conv, transform", [("mabn", "CenteredConv2d", "centered"), ("bcn", "WSConv2d", "ws")])
+def test_bn_weights_into_a_norm_whose_conv_transforms_them_say_so_and_name_conv_plain(target, conv, transform,
+                                                                                     tmp_path, capsys):
+    """Centring or WS applied to weights trained without it changes the features: the report and the
+    command's output say so and name MODEL.SMALLBN.CONV plain; --conv plain records it (hint), and
+    --conv of the norm's own transform silences it."""
+    torch.save(resnet18_state("bn"), tmp_path / "r18.pth")
+    out = tmp_path / "r18.pkl"
+    assert convert_main([str(tmp_path / "r18.pth"), str(out), "--target-norm", target]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "r18.report.json").read_text())
+    for text in (printed, " ".join(report["notes"])):
+        assert f"({conv}) applies" in text and "changes the pretrained features" in text, text
+        assert "MODEL.SMALLBN.CONV plain" in text and f"--conv {transform}" in text
+    assert convert_main([str(tmp_path / "r18.pth"), str(out), "--target-norm", target, "--conv", "plain"]) == 0
+    report = json.loads((tmp_path / "r18.report.json").read_text())
+    assert report["config_hints"]["MODEL.SMALLBN.CONV"] == "plain"
+    capsys.readouterr()
+    assert convert_main([str(tmp_path / "r18.pth"), str(out), "--target-norm", target, "--conv", transform]) == 0
+    report = json.loads((tmp_path / "r18.report.json").read_text())
+    assert not any("changes the pretrained features" in n for n in report["notes"])
+    assert "changes the pretrained features" not in capsys.readouterr().out
