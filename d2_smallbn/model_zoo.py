@@ -69,9 +69,8 @@ def get(name, trained=False, device=None):
         from detectron2.config import instantiate
 
         from .config import available_device
-        from .modeling import convert_model
 
-        model = convert_model(instantiate(cfg.model), cfg)
+        model = instantiate(cfg.model)  # the config's model node converts it
         model.to(device or available_device(cfg.train.get("device", "cpu"), "train.device"))
         weights = cfg.train.init_checkpoint
     else:

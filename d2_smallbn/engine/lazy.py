@@ -5,8 +5,9 @@
 The config is detectron2's LazyConfig layout (``model``, ``dataloader``, ``optimizer``,
 ``lr_multiplier``, ``train``) plus an optional ``smallbn`` node with MODEL.SMALLBN's keys
 (``smallbn.CBN.WINDOW_SIZE`` ...; missing keys take their defaults). Norms are named as strings
-anywhere detectron2 takes a norm (``norm="CBN"``); ``build_model`` instantiates the model and
-converts it once with ``d2_smallbn.convert_model(model, cfg)``.
+anywhere detectron2 takes a norm (``norm="CBN"``); ``build_model`` instantiates the model, which
+this project's configs convert themselves (``d2_smallbn.modeling.conversion.converted``), and
+converts a user's model once with ``d2_smallbn.convert_model(model, cfg)``.
 """
 import logging
 import os
@@ -17,6 +18,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..batchnorm_conversion import is_converted
 from ..config import available_device
 from ..model_zoo import get_config_file
 from ..modeling import convert_model
@@ -29,8 +31,12 @@ logger = logging.getLogger("d2_smallbn")
 
 
 def build_model(cfg):
-    """``instantiate(cfg.model)`` followed by the one conversion call, on ``cfg.train.device``."""
-    model = convert_model(instantiate(cfg.model), cfg)
+    """``instantiate(cfg.model)`` on ``cfg.train.device``, converted once: by the config itself (this
+    project's ``model`` nodes) or here (a user's config naming our norms). A baseline without our
+    norms is not a mistake: no warning."""
+    model = instantiate(cfg.model)
+    if not is_converted(model):
+        model = convert_model(model, cfg, expect_norms=False)
     return model.to(cfg.train.device)
 
 

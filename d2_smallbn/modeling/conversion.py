@@ -20,9 +20,11 @@ info level. A model with nothing to convert (a plain PyTorch model) gets a warni
 ``d2_smallbn.convert_batchnorm``, the call for torch's BatchNorm2d layers.
 
 Every build path calls it exactly once: the ``build_model`` that ``import d2_smallbn`` installs
-(yacs or OmegaConf configs), ``d2_smallbn.model_zoo.get`` and the LazyConfig entry point; a
-user's own LazyConfig calls it once after ``instantiate``. A pending norm that reaches a forward
-raises an error that names this call.
+(yacs or OmegaConf configs); this project's LazyConfigs, whose ``model`` node is ``converted(...)``,
+so that a plain ``instantiate(cfg.model)`` (detectron2's ``tools/lazyconfig_train_net.py``,
+``d2_smallbn.model_zoo.get``, the LazyConfig entry point) gives the converted model; a user's own
+LazyConfig calls it once after ``instantiate``. A pending norm that reaches a forward raises an
+error that names this call.
 """
 import logging
 import math
@@ -184,6 +186,36 @@ def convert_model(model, settings=None, *, base_lr=None, expect_norms=True):
         return model
     mark_converted(model)
     return model
+
+
+def converted(model, settings="${smallbn}", base_lr="${optimizer.lr}"):
+    """A LazyConfig ``model`` node (a ``LazyCall`` of a detectron2 model, e.g. detectron2's
+    ``common/models/mask_rcnn_fpn.py``) that instantiates to the converted model: the one
+    conversion becomes part of the config, so ``instantiate(cfg.model)`` is all any tool calls.
+
+    The node keeps its keys (``model.backbone.norm``, ``model.roi_heads...`` as in detectron2's
+    configs); its ``_target_`` becomes ``build_converted``, its own target moves to ``architecture``,
+    and ``smallbn`` / ``base_lr`` hold the settings: by default interpolations of the config's
+    ``smallbn`` node and ``optimizer.lr``, so overrides of either reach the model. Changes ``model``
+    in place and returns it."""
+    from detectron2.utils.registry import _convert_target_to_string
+
+    target = model._target_
+    model.architecture = target if isinstance(target, str) else _convert_target_to_string(target)
+    model._target_ = build_converted
+    model.smallbn, model.base_lr = settings, base_lr
+    return model
+
+
+def build_converted(architecture, smallbn=None, base_lr=None, **kwargs):
+    """``architecture(**kwargs)`` (a callable or its import path) converted once with the settings
+    ``smallbn`` (MODEL.SMALLBN's keys) and ``base_lr``: the target of ``converted`` nodes. A model
+    without our norms (a GN or SyncBN baseline) is returned as built, without a warning."""
+    if isinstance(architecture, str):
+        from detectron2.utils.registry import locate
+
+        architecture = locate(architecture)
+    return convert_model(architecture(**kwargs), smallbn, base_lr=base_lr, expect_norms=False)
 
 
 def _inside_converted(model):

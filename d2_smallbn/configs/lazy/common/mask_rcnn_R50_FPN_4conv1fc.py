@@ -3,6 +3,10 @@
 ``common/optim.py`` (SGD) and ``common/train.py``. Each config of this folder names its norms with
 ``set_norms`` and its schedule with ``multistep``, and sets the ``smallbn`` node (MODEL.SMALLBN's
 keys; missing ones take their defaults).
+
+``model`` instantiates to the converted model (``converted``: the conversion with the ``smallbn``
+node and ``optimizer.lr``), so detectron2's own ``tools/lazyconfig_train_net.py`` and a plain
+``instantiate(cfg.model)`` work unchanged; its keys are detectron2's (``model.backbone.norm`` ...).
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
@@ -11,8 +15,9 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from d2_smallbn.engine.trainer import get_optimizer_params
 from d2_smallbn.model_zoo import detectron2_config
+from d2_smallbn.modeling.conversion import converted
 
-model = detectron2_config("common/models/mask_rcnn_fpn.py").model
+model = converted(detectron2_config("common/models/mask_rcnn_fpn.py").model)  # instantiates converted
 dataloader = detectron2_config("common/data/coco.py").dataloader
 optimizer = detectron2_config("common/optim.py").SGD
 train = detectron2_config("common/train.py").train
