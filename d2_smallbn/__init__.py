@@ -6,6 +6,7 @@ Renormalization for detectron2.
 makes ``build_model`` convert the models it builds (idempotent; what exactly is changed is
 documented in ``d2_smallbn.modeling.patch``). ``convert_model(model, settings=None)`` is the one
 conversion call, for models built any other way (a LazyConfig's ``instantiate``).
+``register_norm(NormSpec(...))`` adds a user's own norm to the table (docs/usage.md, "Adding a norm").
 ``convert_batchnorm(model, "CBN", **layer_kwargs)`` (pure PyTorch, no detectron2 needed) turns any
 PyTorch model's BatchNorm2d layers into CBN, MABN, BCN or BRN. Importing ``d2_smallbn`` also
 registers the built-in dataset's names ``smallbn_shapes_train`` / ``smallbn_shapes_val`` (at
@@ -15,8 +16,9 @@ importing detectron2 registers its own datasets.
 __version__ = "0.1.0"
 
 from .batchnorm_conversion import convert_batchnorm  # noqa: E402  (pure PyTorch)
+from .norms import NormSpec, register_norm, unregister_norm  # noqa: E402  (pure PyTorch)
 
-__all__ = ["convert_batchnorm"]
+__all__ = ["NormSpec", "convert_batchnorm", "register_norm", "unregister_norm"]
 
 try:
     import detectron2  # noqa: F401

@@ -11,10 +11,14 @@ NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", 
 
 
 def add_smallbn_config(cfg):
-    """Adds MODEL.SMALLBN (idempotent). Defaults are the papers' / released code's; see
-    ``d2_smallbn.norms`` (and docs/configs.md) for what each key means."""
+    """Adds MODEL.SMALLBN (idempotent): the table's norms as it is now, so a config that already has
+    the section gains the sections of norms registered since. Defaults are the papers' / released
+    code's; see ``d2_smallbn.norms`` (and docs/configs.md) for what each key means."""
     if "SMALLBN" not in cfg.MODEL:
         cfg.MODEL.SMALLBN = CN(defaults())
+    for name, values in defaults().items():
+        if name not in cfg.MODEL.SMALLBN:
+            cfg.MODEL.SMALLBN[name] = CN(values) if isinstance(values, dict) else values
     return cfg
 
 

@@ -61,9 +61,18 @@ from .paths import check_output_paths
 AUTHOR = "d2_smallbn convert_weights"
 # Targets: detectron2's own norms, then every norm of the table (d2_smallbn.norms), whose layer says
 # how a BN checkpoint maps onto it (``map_bn_state``) and which of its state starts fresh.
-STOCK_TARGETS = ("bn", "frozenbn", "syncbn", "gn")
-TABLE_TARGETS = {spec.checkpoint_target: spec for spec in NORMS.values()}
-TARGETS = ("auto",) + STOCK_TARGETS + tuple(TABLE_TARGETS)
+STOCK_NORM_NAMES = {"bn": "BN", "frozenbn": "FrozenBN", "syncbn": "SyncBN", "gn": "GN"}  # target -> NORM
+STOCK_TARGETS = tuple(STOCK_NORM_NAMES)
+
+
+def table_targets():
+    """{target: NormSpec} of the table's norms as it is now (``register_norm`` adds to it)."""
+    return {spec.checkpoint_target: spec for spec in NORMS.values()}
+
+
+def targets():
+    """Every ``--target-norm``: "auto", detectron2's norms, then the table's."""
+    return ("auto",) + STOCK_TARGETS + tuple(table_targets())
 # detectron2 norms with a num_batches_tracked buffer: torch's BatchNorm2d/SyncBatchNorm, and
 # detectron2's FrozenBatchNorm2d made from them by FREEZE_AT (convert_frozen_batchnorm copies the
 # buffer); a FrozenBatchNorm2d built directly (NORM "FrozenBN") has none.
@@ -204,7 +213,7 @@ def _batch_part(sub, target, res, prefix=""):
         if prefix + leaf in sub:
             res.out[leaf] = (sub[prefix + leaf], "copy", [prefix + leaf])
     stats = {"running_mean": sub.get(prefix + "running_mean"), "running_var": sub.get(prefix + "running_var")}
-    spec = TABLE_TARGETS.get(target)
+    spec = table_targets().get(target)
     how = spec.layer.map_bn_state(stats, "") if spec is not None else None
     for leaf, tensor in stats.items():
         if leaf in ("running_mean", "running_var"):
@@ -231,7 +240,7 @@ _PARAMETERS = {}
 def _fresh_parameters(target, written):
     """Parameters of the table's ``target`` norm that a conversion did not write (they start at the
     layer's initial values)."""
-    spec = TABLE_TARGETS.get(target)
+    spec = table_targets().get(target)
     if spec is None:
         return []
     if target not in _PARAMETERS:
@@ -354,8 +363,8 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
     ``weight_transform``: what the convs did to their weights in training (WEIGHT_TRANSFORMS)."""
     import torch
 
-    if target_norm not in TARGETS:
-        raise ValueError(f"target norm must be one of {TARGETS}, got {target_norm!r}")
+    if target_norm not in targets():
+        raise ValueError(f"target norm must be one of {targets()}, got {target_norm!r}")
     if weight_transform not in WEIGHT_TRANSFORMS:
         raise ValueError(f"weight transform must be one of {WEIGHT_TRANSFORMS}, got {weight_transform!r}")
     state, stripped = strip_module_prefix(state)
@@ -408,7 +417,7 @@ def convert_state_dict(state, target_norm="auto", num_groups=32, keep_classifier
 
     expected = set()
     for dst_mod, leaves in written.items():
-        spec = TABLE_TARGETS.get(leaves[0])
+        spec = table_targets().get(leaves[0])
         if spec is not None:
             expected.update(f"*.norm.{k}" for k in spec.layer.missing_on_load(leaves[1]))
     if any(k.endswith(".norm.running_var") and k[: -len("running_var")] + "num_batches_tracked" not in model
@@ -440,13 +449,11 @@ _DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True):
 def resnet_depth(blocks, bottleneck):
     """The ResNet depth of ``blocks`` per stage (res2-res5) of basic or bottleneck blocks, or None."""
     return _DEPTHS.get(tuple(blocks) + (bool(bottleneck),))
-_NORM_NAMES = {"bn": "BN", "frozenbn": "FrozenBN", "syncbn": "SyncBN", "gn": "GN",
-               **{target: spec.name for target, spec in TABLE_TARGETS.items()}}
 
 
 def target_norm_name(target):
     """The MODEL.RESNETS.NORM that a conversion target is written for ("frozenbn" -> "FrozenBN")."""
-    return _NORM_NAMES[target]
+    return STOCK_NORM_NAMES.get(target) or table_targets()[target].name
 
 
 def report_groups(model, default):
@@ -474,10 +481,10 @@ def config_hints(state, targets_used, groups, weight_transform="unknown"):
         hints["MODEL.RESNETS.RES2_OUT_CHANNELS"] = 64  # required by detectron2 for R18/R34
     if len(targets_used) == 1:
         target = next(iter(targets_used))
-        hints["MODEL.RESNETS.NORM"] = _NORM_NAMES[target]
+        hints["MODEL.RESNETS.NORM"] = target_norm_name(target)
         if target == "bcn":
             hints["MODEL.SMALLBN.BCN.NUM_GROUPS"] = groups
-        conv = conv_setting(_NORM_NAMES[target], weight_transform)
+        conv = conv_setting(target_norm_name(target), weight_transform)
         if conv:
             hints["MODEL.SMALLBN.CONV"] = conv
     # torchvision's ImageNet preprocessing (RGB, mean/std in 0-255 units); detectron2's defaults are Caffe2's BGR
@@ -503,7 +510,7 @@ def conv_notes(targets_used, weight_transform):
     """Notes for targets whose norm cannot have convs of ``weight_transform`` (CBN's own conv)."""
     notes = []
     for target in targets_used:
-        name = _NORM_NAMES[target]
+        name = target_norm_name(target)
         try:
             conv_class_for(name, "plain" if weight_transform == "unknown" else weight_transform)
         except ValueError:
@@ -518,7 +525,7 @@ def transform_notes(targets_used, weight_transform):
     trained without it, the transform changes the pretrained features completely."""
     notes = []
     for target in targets_used:
-        name = _NORM_NAMES[target]
+        name = target_norm_name(target)
         conv = conv_class_for(name, "auto") if name in NORMS else None
         transform = next((key for key, cls in CONV_TYPES.items() if cls is not None and cls is conv), None)
         if transform is None or weight_transform == transform:
@@ -644,7 +651,7 @@ def convertible_targets(layout, num_groups=32):
     import torch
 
     sample = {leaf: torch.ones(num_groups if leaf.startswith("gn.") else 64) for leaf in _LAYOUT_SAMPLES[layout]}
-    return [t for t in TARGETS[1:] if not convert_norm(sample, layout, t, num_groups).unmapped]
+    return [t for t in targets()[1:] if not convert_norm(sample, layout, t, num_groups).unmapped]
 
 
 def format_report(report):
@@ -695,7 +702,7 @@ def main(argv=None):
                     "into a detectron2 .pkl for d2_smallbn's norms.")
     parser.add_argument("input", help="torch checkpoint (.pth/.pt/.tar), optionally DataParallel ('module.')")
     parser.add_argument("output", help="detectron2 weights to write (*.pkl), for MODEL.WEIGHTS")
-    parser.add_argument("--target-norm", default="auto", choices=TARGETS,
+    parser.add_argument("--target-norm", default="auto", choices=targets(),
                         help="MODEL.RESNETS.NORM of the model that will load the weights (auto: BN->bn, GN->gn, "
                              "BCN->bcn); bn/frozenbn/syncbn/cbn keep the BN statistics (num_batches_tracked only for "
                              "bn/syncbn); mabn writes running_sqmean = running_var + running_mean^2")

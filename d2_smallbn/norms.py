@@ -14,14 +14,26 @@ Each entry (``NormSpec``) says:
   ``map_bn_state`` and ``own_state`` (see ``layers/_common.py``), reached through ``layer``;
 - ``after_build(layer, settings)``: anything a new layer needs beyond its arguments (BCN's update
   rate starts at the base learning rate: never silently GN);
+- ``before_train(layers, section, run)``: what a layer needs from the training run (``Run``: the dataset
+  size, images per iteration) before the first step, returning lines to log (CBN's burn-in given in
+  epochs); ``needs_dataset_size(section)``: whether it reads ``run.dataset_size`` (the trainers
+  count the dataset only then);
+- ``check_channels(section, {module name: channels})``: a problem with the channel counts of all its
+  layers in a model, before any is built (BCN's groups must divide them), or None;
+- ``update_rate(section)``: what ``NormStateDriver`` gives the layers whose statistics move at a rate
+  (BCN): "lr" (their param group's learning rate) or a fixed rate;
 - ``phases(section)``: its own iteration counts (warmups, burn-in, ramps) and the least each may be
   (``Phase``): what ``scale_phases`` (the study, the quickstart's ``--iters``) and ``short_phases``
   (the trainer hook's warning) read.
 
-Adding a norm = one layer file + one entry in ``NORMS``. This module imports no detectron2.
+Adding a norm = one layer file + one entry in ``NORMS``; from a user's own code,
+``register_norm(NormSpec(...))`` (``d2_smallbn.register_norm``) adds the entry. Everything above reads
+the live table. This module imports no detectron2.
 """
 import math
 from typing import Callable, Dict, NamedTuple, Optional
+
+from torch import nn
 
 from .layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
                      MovingAverageBatchNorm2d, WSConv2d)
@@ -102,6 +114,10 @@ class NormSpec(NamedTuple):
     doc: str = ""
     check_section: Optional[Callable] = None  # (section) -> [problems] across keys of its section
     phases: Optional[Callable] = None  # (section) -> [Phase]: its iteration counts and their minimums
+    before_train: Optional[Callable] = None  # (layers, section, Run) -> [lines to log]
+    needs_dataset_size: Optional[Callable] = None  # (section) -> bool: before_train reads run.dataset_size
+    update_rate: Optional[Callable] = None  # (section) -> "lr" or a fixed rate, for NormStateDriver
+    check_channels: Optional[Callable] = None  # (section, {module name: channels}) -> problem or None
 
     def build(self, channels, s, scope="backbone"):
         """A new layer for ``channels`` channels from resolved settings ``s`` (see ``resolve``)."""
@@ -116,11 +132,50 @@ class NormSpec(NamedTuple):
         return self.name.lower()
 
 
+class Run(NamedTuple):
+    """What a training run knows beyond the settings, for a norm's ``before_train`` (None: unknown)."""
+    dataset_size: Optional[int] = None
+    ims_per_batch: Optional[int] = None
+
+
+def _cbn_burnin_epochs(layers, c, run):
+    """BURNIN_EPOCHS > 0 overrides BURNIN_ITERS: epochs * dataset size / images per iteration."""
+    if c.BURNIN_EPOCHS <= 0:
+        return []
+    if run.dataset_size is None or run.ims_per_batch is None:
+        raise ValueError("MODEL.SMALLBN.CBN.BURNIN_EPOCHS needs the dataset size and the images per iteration: "
+                         "pass dataset_size and ims_per_batch to SmallBNHook (SmallBNTrainer does), or give "
+                         "BURNIN_ITERS instead")
+    iters = int(math.ceil(c.BURNIN_EPOCHS * run.dataset_size / run.ims_per_batch))
+    for layer in layers:
+        layer.burnin_iters = iters
+    return [f"CBN burn-in: {c.BURNIN_EPOCHS:g} epochs x {run.dataset_size} images / {run.ims_per_batch} per "
+            f"iteration = {iters} iterations"]
+
+
+def _bcn_update_rate(b):
+    return "lr" if b.UPDATE_RATE_MODE == "lr" else b.UPDATE_RATE
+
+
 def _bcn_start_rate(layer, s):
     # with "lr", None when the settings carry no learning rate: the trainer hook sets it
     rate = s.BCN.UPDATE_RATE if s.BCN.UPDATE_RATE_MODE == "fixed" else s.base_lr
     if rate is not None:
         layer.set_update_rate(float(rate))
+
+
+def _bcn_unfit_groups(b, channels):
+    """NUM_GROUPS must divide the channels of every BCN layer: all that it does not, and divisors that fit."""
+    groups = b.NUM_GROUPS
+    unfit = [(name, c) for name, c in channels.items() if c % groups]
+    if not unfit:
+        return None
+    common = math.gcd(*channels.values())
+    divisors = [d for d in range(min(common, groups), 0, -1) if common % d == 0][:4]
+    listed = ", ".join(f"{name} ({c} channels)" for name, c in unfit[:6])
+    return (f"MODEL.SMALLBN.BCN.NUM_GROUPS = {groups} does not divide the channels of {len(unfit)} BCN layer(s): "
+            f"{listed}" + (", ..." if len(unfit) > 6 else "") + ". Fix: set MODEL.SMALLBN.BCN.NUM_GROUPS to a divisor "
+            f"of every BCN layer's channels (here: {', '.join(map(str, divisors))}), or change those layers' channels")
 
 
 def _bcn_rate_keys(b):
@@ -201,7 +256,7 @@ NORMS = {spec.name: spec for spec in (
          "EPS": EPS},
         lambda c, scope: dict(window_size=c.WINDOW_SIZE, burnin_iters=c.BURNIN_ITERS, rho=c.RHO, eps=c.EPS,
                               momentum=c.MOMENTUM),
-        phases=_cbn_phases,
+        phases=_cbn_phases, before_train=_cbn_burnin_epochs, needs_dataset_size=lambda c: c.BURNIN_EPOCHS > 0,
         doc="Cross-Iteration BN (CBN paper); its conv CBNConv2d feeds it the conv input and weight"),
     NormSpec(
         "MABN", MovingAverageBatchNorm2d, CenteredConv2d, False,
@@ -228,7 +283,8 @@ NORMS = {spec.name: spec for spec in (
                                      "layer's parameters, every iteration (the paper); 'fixed': BCN.UPDATE_RATE"),
          "UPDATE_RATE": Setting(0.0, number(0, 1), "the rate with UPDATE_RATE_MODE 'fixed', in (0, 1]")},
         lambda b, scope: dict(num_groups=b.NUM_GROUPS, eps=b.EPS),
-        after_build=_bcn_start_rate, check_section=_bcn_rate_keys,
+        after_build=_bcn_start_rate, check_section=_bcn_rate_keys, update_rate=_bcn_update_rate,
+        check_channels=_bcn_unfit_groups,
         doc="micro-batch Batch-Channel Norm (BCN+WS paper) with WS convs"),
     NormSpec(
         "BRN", BatchRenorm2d, None, False,
@@ -245,15 +301,123 @@ NORMS = {spec.name: spec for spec in (
         phases=_brn_phases, doc="Batch Renormalization (Ioffe 2017), the MABN paper's baseline; plain convs"),
 )}
 
-NORM_TYPES = tuple(spec.layer for spec in NORMS.values())
+# detectron2's own norm names (get_norm's): a registered norm may not take one, in any case.
+STOCK_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+
+
+def norm_types():
+    """The layer classes of the table's norms, as it is now."""
+    return tuple(spec.layer for spec in NORMS.values())
+
+
+def __getattr__(name):
+    if name == "NORM_TYPES":  # the former module-level snapshot, now read from the live table
+        return norm_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- registering a norm from outside the package ----------------------------------------------
+
+def _setting_problems(node, path):
+    problems = []
+    if not isinstance(node, dict) or not node:
+        return [f"{path} must be a non-empty dict of key -> Setting"]
+    for key, item in node.items():
+        where = f"{path}.{key}"
+        if not (isinstance(key, str) and key.isupper()):
+            problems.append(f"{where}: keys are upper-case strings, as detectron2's config keys")
+        elif isinstance(item, dict):
+            problems += _setting_problems(item, where)
+        elif not isinstance(item, Setting):
+            problems.append(f"{where} must be a Setting(default, check, doc), got {type(item).__name__}")
+        elif item.check(item.default):
+            problems.append(f"{where}'s default {item.default!r} fails its own check: {item.check(item.default)}")
+    return problems
+
+
+def _name_problems(name):
+    if not (isinstance(name, str) and name.isidentifier() and name.isupper()):
+        return [f"name {name!r} must be an upper-case identifier (it is the config's norm name and the key "
+                "MODEL.SMALLBN.<name>)"]
+    taken = {n.lower(): f"detectron2's norm {n!r}" for n in STOCK_NORMS}
+    taken.update({n.lower(): f"the shared setting MODEL.SMALLBN.{n}" for n in COMMON})
+    taken.update({n.lower(): f"the registered norm {n!r}" for n in NORMS})
+    taken["auto"] = "convert_weights' target 'auto'"
+    if name.lower() in taken:
+        return [f"name {name!r} is taken by {taken[name.lower()]} (names are compared ignoring case); "
+                f"pick another name"]
+    return []
+
+
+def _spec_problems(spec):
+    if not isinstance(spec, NormSpec):
+        return [f"register_norm takes a NormSpec (d2_smallbn.norms.NormSpec), got {type(spec).__name__}"]
+    problems = _name_problems(spec.name)
+    if not (isinstance(spec.layer, type) and issubclass(spec.layer, nn.Module)):
+        problems.append(f"layer must be an nn.Module class, got {spec.layer!r}")
+    elif spec.layer in norm_types():
+        problems.append(f"layer {spec.layer.__name__} is already the layer of {spec_of_type(spec.layer).name}")
+    if spec.conv is not None and not (isinstance(spec.conv, type) and issubclass(spec.conv, nn.Conv2d)):
+        problems.append(f"conv must be None or an nn.Conv2d subclass, got {spec.conv!r}")
+    if spec.conv_required and spec.conv is None:
+        problems.append("conv_required is True but conv is None: name the conv class the norm needs")
+    problems += _setting_problems(spec.settings, f"MODEL.SMALLBN.{spec.name}")
+    for field in ("kwargs", "after_build", "check_section", "phases", "before_train", "needs_dataset_size",
+                  "update_rate", "check_channels"):
+        value = getattr(spec, field)
+        if not (callable(value) or (value is None and field != "kwargs")):
+            problems.append(f"{field} must be callable{'' if field == 'kwargs' else ' or None'}, got {value!r}")
+    return problems
+
+
+def register_norm(spec):
+    """Adds ``spec`` (a ``NormSpec``) to the table of norms, for every path that reads it: the config
+    name (``MODEL.RESNETS.NORM``, LazyConfig ``norm=``), ``MODEL.SMALLBN.<name>`` and its checks,
+    conversion, the trainer hook and optimizer, ``convert_weights``' target ``name.lower()``,
+    folding. Raises ValueError listing every problem of the spec (a name already taken included).
+    Returns ``spec``. ``unregister_norm(name)`` removes it again."""
+    problems = _spec_problems(spec)
+    if problems:
+        raise ValueError("register_norm: " + "; ".join(problems))
+    NORMS[spec.name] = spec  # in place: every module holding NORMS sees it
+    return spec
+
+
+def unregister_norm(name):
+    """Removes a norm ``register_norm`` added; the built-in norms stay."""
+    if name in BUILTIN_NORMS:
+        raise ValueError(f"{name} is a built-in norm of d2_smallbn and cannot be removed")
+    if name not in NORMS:
+        raise KeyError(f"no registered norm {name!r}; registered: {', '.join(sorted(set(NORMS) - BUILTIN_NORMS))}")
+    del NORMS[name]
+
+
+def spec_of_type(layer_class):
+    """The table entry whose layer class is ``layer_class`` (or None)."""
+    return next((spec for spec in NORMS.values() if spec.layer is layer_class), None)
+
+
+BUILTIN_NORMS = frozenset(NORMS)
 
 
 def spec_of(module):
     """The table entry of a norm module (or None)."""
-    for spec in NORMS.values():
-        if type(module) is spec.layer:
-            return spec
-    return None
+    return spec_of_type(type(module))
+
+
+def needs_dataset_size(s):
+    """Whether any norm's ``before_train`` reads the dataset size with resolved settings ``s``."""
+    return any(spec.needs_dataset_size(s[name]) for name, spec in NORMS.items() if spec.needs_dataset_size)
+
+
+def driver_update_rate(s, names):
+    """The ``update_rate`` for ``NormStateDriver`` that norms ``names`` ask for with settings ``s`` ("lr"
+    when none asks)."""
+    rates = {NORMS[n].update_rate(s[n]) for n in names if NORMS[n].update_rate is not None}
+    if len(rates) > 1:
+        raise ValueError(f"norms {sorted(names)} ask for different update rates {sorted(map(str, rates))}; "
+                         "NormStateDriver gives one rate to every rate-driven layer")
+    return rates.pop() if rates else "lr"
 
 
 def conv_class_for(name, conv_type="auto"):

@@ -160,12 +160,9 @@ def prime(modules, x_small, grad_small):
         for _ in range(steps):
             _train_step(module, x_small, grad_small)
             _clear_grads(module, x_small)
-        if key == "cbn" and module.norm.history_length != CBN_WINDOW - 1:
-            raise AssertionError("CBN window not full after priming")
-        if key == "mabn":
-            t_next = int(module.norm.num_steps) + 1
-            if module.norm.uses_batch_statistics(t_next) or not module.norm.clips(t_next):
-                raise AssertionError("MABN still in its batch-statistics / clip warmup after priming")
+        norm = getattr(module, "norm", None)
+        if hasattr(norm, "steady") and not norm.steady(int(norm.num_steps)):
+            raise AssertionError(f"{key}: {type(norm).__name__} not yet as in long training after priming")
 
 
 def build_eval_modules(train_modules):

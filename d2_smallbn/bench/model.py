@@ -80,7 +80,7 @@ from .common import (CpuShare, command_line, contention_line, device_info, envir
                      fmt_summary, pyplot, ratio_summary, set_threads, summary, sync, target_verdict,
                      write_json)
 from ..engine import build_optimizer
-from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, NormStateDriver
+from ..layers import NormStateDriver
 from ..model_zoo import get_config_file
 from ..modeling import check_converted, fold_model
 
@@ -234,22 +234,15 @@ class Setting:
         self.num_fg = []
 
     def prime_steps(self):
-        """Training steps until CBN windows are full and MABN uses its moving averages and clips."""
-        steps = 0
-        for m in self.counters:
-            if isinstance(m, CrossIterationBatchNorm2d):
-                steps = max(steps, m.burnin_iters + m.window_size - 1)
-            elif isinstance(m, MovingAverageBatchNorm2d):
-                steps = max(steps, m.buffer_size, m.warmup_iters, m.clip_warmup_iters)
-        return steps
+        """Training steps until every norm runs as in long training (each layer's ``priming_steps``:
+        CBN's window full, MABN's moving averages and clipping in use)."""
+        return max((m.priming_steps() for m in self.counters if hasattr(m, "priming_steps")), default=0)
 
     def check_steady_state(self):
-        t_next = self.iteration + 1  # MABN's 1-based step of the next iteration
         for m in self.counters:
-            if isinstance(m, CrossIterationBatchNorm2d) and m.history_length != m.window_size - 1:
-                raise AssertionError(f"{self.key}: CBN window not full after priming")
-            if isinstance(m, MovingAverageBatchNorm2d) and (m.uses_batch_statistics(t_next) or not m.clips(t_next)):
-                raise AssertionError(f"{self.key}: MABN still in its batch-statistics / clip warmup after priming")
+            if hasattr(m, "steady") and not m.steady(self.iteration):
+                raise AssertionError(f"{self.key}: {type(m).__name__} not yet as in long training after priming "
+                                     f"(its window, warmup or burn-in: {m.priming_steps()} steps)")
 
     def before_step(self):
         self.driver.before_step(self.iteration)

@@ -1,10 +1,11 @@
 """A hook any detectron2 trainer can add (``SimpleTrainer``, ``DefaultTrainer``, the LazyConfig
 loop): a thin wrapper of ``d2_smallbn.layers.NormStateDriver``.
 
-- before training: checks the model was converted, converts a CBN burn-in given in epochs into
-  iterations (with the dataset size), warns when the images per process differ from the
-  paper's per-GPU batch or when a norm's phase is shorter than its running estimates need
-  (``d2_smallbn.norms.short_phases``), and builds the driver from the trainer's model and optimizer;
+- before training: checks the model was converted, gives each norm of the table what it needs
+  from the run (its ``before_train``: CBN's burn-in given in epochs, with the dataset size), warns
+  when the images per process differ from the paper's per-GPU batch or when a norm's phase is
+  shorter than its running estimates need (``d2_smallbn.norms.short_phases``), and builds the
+  driver from the trainer's model and optimizer (the rate its norms' ``update_rate`` asks for);
 - before every step: ``driver.before_step(trainer.iter)`` (iterations of CBN/MABN/BRN, BCN's
   update rate = its param group's current learning rate);
 - after training, with several processes: every process takes the main process's buffers, so
@@ -13,15 +14,14 @@ loop): a thin wrapper of ``d2_smallbn.layers.NormStateDriver``.
   (MABN), so that their moving average of the backward statistic stays free of the loss scale.
 """
 import logging
-import math
 
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..layers import CrossIterationBatchNorm2d, NormStateDriver
+from ..layers import NormStateDriver
 from ..modeling.conversion import check_converted
-from ..norms import resolve, short_phases, spec_of
+from ..norms import NORMS, Run, driver_update_rate, resolve, short_phases, spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +30,21 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def burnin_iters_from_epochs(epochs, dataset_size, ims_per_batch):
-    return int(math.ceil(epochs * dataset_size / ims_per_batch))
+def layers_by_norm(model, include_frozen=True):
+    """{norm name: [its layers in ``model``]} for the table's norms."""
+    found = {}
+    for m in model.modules():
+        spec = spec_of(m)
+        if spec is not None and (include_frozen or not getattr(m, "frozen", False)):
+            found.setdefault(spec.name, []).append(m)
+    return found
 
 
 def check_phases(s, model, prefix="MODEL.SMALLBN"):
     """Warns for every phase of the model's (unfrozen) norms that settings ``s`` set shorter than the
     rule in ``d2_smallbn.norms`` allows; ``prefix`` names the settings in the config's language.
     Returns the short phases."""
-    used = sorted({spec.name for m in model.modules() if not getattr(m, "frozen", False)
-                   for spec in (spec_of(m),) if spec is not None})
+    used = sorted(layers_by_norm(model, include_frozen=False))
     short = short_phases(s, used)
     for name, key, value, least, reason in short:
         logger.warning("!!! %s.%s.%s = %d is too short: %s. Shorter, the layer relies on an estimate that still "
@@ -71,8 +76,8 @@ class SmallBNHook(HookBase):
 
     ``settings``: any config ``d2_smallbn.convert_model`` accepts (a yacs config also gives
     ``SOLVER.IMS_PER_BATCH``). ``ims_per_batch``: images per iteration over all processes, for the
-    per-GPU batch check and CBN's burn-in in epochs. ``dataset_size``: needed only for
-    ``CBN.BURNIN_EPOCHS``.
+    per-GPU batch check and the norms' ``before_train`` (CBN's burn-in in epochs). ``dataset_size``:
+    needed only where a norm's ``needs_dataset_size`` says so (``CBN.BURNIN_EPOCHS``).
     """
 
     def __init__(self, settings=None, ims_per_batch=None, dataset_size=None):
@@ -96,20 +101,14 @@ class SmallBNHook(HookBase):
         if self.ims_per_batch is not None:
             check_batch_per_gpu(self.s.PAPER_IMS_PER_GPU, self.ims_per_batch, comm.get_world_size(),
                                 **self.batch_keys)
-        epochs = self.s.CBN.BURNIN_EPOCHS
-        if epochs > 0:
-            if self.dataset_size is None or self.ims_per_batch is None:
-                raise ValueError("MODEL.SMALLBN.CBN.BURNIN_EPOCHS needs the dataset size and the images per "
-                                 "iteration: pass dataset_size and ims_per_batch to SmallBNHook (SmallBNTrainer "
-                                 "does), or give BURNIN_ITERS instead")
-            iters = burnin_iters_from_epochs(epochs, self.dataset_size, self.ims_per_batch)
-            logger.info("CBN burn-in: %g epochs x %d images / %d per iteration = %d iterations",
-                        epochs, self.dataset_size, self.ims_per_batch, iters)
-            for m in model.modules():
-                if isinstance(m, CrossIterationBatchNorm2d):
-                    m.burnin_iters = iters
+        layers = layers_by_norm(model)
+        run = Run(self.dataset_size, self.ims_per_batch)
+        for name in layers:
+            before_train = NORMS[name].before_train
+            for line in before_train(layers[name], self.s[name], run) if before_train else ():
+                logger.info(line)
         scaler = getattr(getattr(self.trainer, "_trainer", self.trainer), "grad_scaler", None)  # AMPTrainer's
-        rate = "lr" if self.s.BCN.UPDATE_RATE_MODE == "lr" else self.s.BCN.UPDATE_RATE
+        rate = driver_update_rate(self.s, list(layers))
         self.driver = NormStateDriver(model, self.trainer.optimizer, update_rate=rate, loss_scaler=scaler)
 
     def before_step(self):

@@ -22,6 +22,7 @@ from ..batchnorm_conversion import is_converted
 from ..config import available_device
 from ..model_zoo import get_config_file
 from ..modeling import convert_model
+from ..norms import needs_dataset_size
 from .ddp import create_ddp_model
 from .defaults import setup_smallbn_logger
 from .hooks import SmallBNHook
@@ -56,9 +57,10 @@ def do_test(cfg, model):
 
 
 def smallbn_hook(cfg):
-    """The per-iteration hook for a LazyConfig (dataset size only when CBN's burn-in is in epochs)."""
+    """The per-iteration hook for a LazyConfig (the dataset size only when a norm needs it: CBN's burn-in
+    in epochs)."""
     hook = SmallBNHook(cfg, ims_per_batch=cfg.dataloader.train.total_batch_size)
-    if hook.s.CBN.BURNIN_EPOCHS > 0:
+    if needs_dataset_size(hook.s):
         hook.dataset_size = len(instantiate(cfg.dataloader.train.dataset))
     return hook
 

@@ -9,8 +9,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from ..data.loading import build_test_loader, build_train_loader
-from ..layers import GroupNormPerGroupAffine
-from ..norms import NORM_TYPES
+from ..norms import needs_dataset_size, norm_types, resolve
 from .checkpoint import explain_unreadable_checkpoint
 from .ddp import cpu_safe_ddp
 from .hooks import SmallBNHook
@@ -18,10 +17,10 @@ from .weights_check import checked_initial_weights
 
 
 def norm_param_groups(groups, model, weight_decay_norm):
-    """detectron2's param groups with our norms' parameters (the table's layer classes, and BCN's
-    folded group part) under ``weight_decay_norm`` like BN and GN: detectron2 recognizes only
-    torch's norm classes."""
-    ours = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES + (GroupNormPerGroupAffine,))
+    """detectron2's param groups with our norms' parameters (the table's layer classes, and any module
+    whose class sets ``norm_parameters``, such as BCN's folded group part) under ``weight_decay_norm``
+    like BN and GN: detectron2 recognizes only torch's norm classes."""
+    ours = {id(p) for m in model.modules() if isinstance(m, norm_types()) or getattr(m, "norm_parameters", False)
             for p in m.parameters(recurse=False)}
     result = []
     for group in groups:
@@ -85,7 +84,7 @@ class SmallBNTrainer(DefaultTrainer):
 
     def build_hooks(self):
         dataset_size = None
-        if self.cfg.MODEL.SMALLBN.CBN.BURNIN_EPOCHS > 0:
+        if needs_dataset_size(resolve(self.cfg)):
             dataset_size = len(get_detection_dataset_dicts(
                 self.cfg.DATASETS.TRAIN, filter_empty=self.cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
         return [SmallBNHook(self.cfg, dataset_size=dataset_size)] + super().build_hooks()

@@ -122,6 +122,9 @@ class NormBase(nn.Module):
     (``model.to(torch.bfloat16)``, ``.half()``): the parameters take the new dtype, the float32
     buffers only the new device. (A float64 cast makes them float64.)"""
 
+    # The optimizer's norm rule (SOLVER.WEIGHT_DECAY_NORM) applies to the parameters of modules saying so.
+    norm_parameters = True
+
     def __init__(self):
         super().__init__()
         self.frozen = False
@@ -207,6 +210,15 @@ class StepCounter(NormBase):
         self._steps = check_int("iteration", int(iteration), 0)
         self._driven = True
         self._step_pending = True
+
+    def priming_steps(self):
+        """Training steps from a fresh layer until it runs as in long training (burn-in, windows and
+        warmups behind it): what a benchmark runs before it measures. 0: it does from the start."""
+        return 0
+
+    def steady(self, iteration):
+        """Whether training iteration ``iteration`` (0-based: the next one) runs as in long training."""
+        return True
 
     def _begin_step(self):
         if self._driven and not self._step_pending:

@@ -52,6 +52,8 @@ def check_values_per_group(x, num_groups, layer):
 class GroupNormPerGroupAffine(nn.Module):
     """Step 4 of BCN on its own: what remains of a BCN layer once its batch part is folded."""
 
+    norm_parameters = True  # the optimizer's norm rule applies (see NormBase)
+
     def __init__(self, num_channels, num_groups=32, eps=1e-5):
         super().__init__()
         _check_groups(num_channels, num_groups)
@@ -166,6 +168,10 @@ class BatchChannelNorm2d(NormBase):
         part.weight.data.copy_(self.group_weight.detach())
         part.bias.data.copy_(self.group_bias.detach())
         return part.to(self.group_weight)  # same device and dtype
+
+    def unfolded_part(self):
+        """What folding leaves after the conv (``fold_conv_norm``): the group part."""
+        return self.group_part()
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}"

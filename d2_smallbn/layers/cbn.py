@@ -91,6 +91,12 @@ class CrossIterationBatchNorm2d(StepCounter):
         for name, shape in shapes.items():
             self.register_buffer(name, torch.zeros(shape, device=dev, dtype=self.running_mean.dtype))
 
+    def priming_steps(self):
+        return self.burnin_iters + self.window_size - 1  # the burn-in, then a full window
+
+    def steady(self, iteration):
+        return self.history_length == self.window_size - 1
+
     @property
     def history_length(self):
         """Number of stored past iterations (at most window_size - 1)."""

@@ -3,11 +3,11 @@ plain conv with identical outputs.
 
 Foldable norms expose ``eval_scale_shift()`` (CBN, MABN, BCN's batch part); torch's BatchNorm and
 frozen-BN-like modules (``weight``, ``bias``, ``running_mean``, ``running_var``, ``eps``) fold too.
-BCN keeps its group part, which is not affine, as the folded conv's norm.
+A norm with a part that is not affine returns it from ``unfolded_part()``, and the folded conv keeps it
+as its norm (BCN's group part).
 """
 import torch
 
-from .bcn import BatchChannelNorm2d
 from .conv import NormActConv2d
 
 
@@ -49,7 +49,7 @@ def fold_conv_norm(conv, norm=None):
         scale, shift = (t.detach().to(weight.dtype) for t in eval_scale_shift(norm))
         weight.mul_(scale.view(-1, 1, 1, 1))
         bias = bias.to(weight.dtype) * scale + shift
-        remaining = norm.group_part() if isinstance(norm, BatchChannelNorm2d) else None
+        remaining = norm.unfolded_part() if hasattr(norm, "unfolded_part") else None
     folded = NormActConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                            padding_mode=conv.padding_mode, norm=remaining,

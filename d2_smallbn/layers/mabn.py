@@ -73,6 +73,13 @@ class MovingAverageBatchNorm2d(StepCounter):
         """The ``torch.amp.GradScaler`` that scales the loss this layer's gradients come from (None: no scaling)."""
         self.loss_scaler = scaler
 
+    def priming_steps(self):
+        return max(self.buffer_size, self.warmup_iters, self.clip_warmup_iters)
+
+    def steady(self, iteration):
+        t = iteration + 1  # the layer's 1-based step
+        return not self.uses_batch_statistics(t) and self.clips(t)
+
     def uses_batch_statistics(self, t):
         return t < self.warmup_iters or t <= self.buffer_size
 

@@ -27,7 +27,6 @@ LazyConfig calls it once after ``instantiate``. A pending norm that reaches a fo
 error that names this call.
 """
 import logging
-import math
 import warnings
 
 import torch
@@ -36,7 +35,7 @@ from torch import nn
 from ..batchnorm_conversion import is_converted, mark_converted, rebuild_conv, replace_module
 from ..layers import NormActConv2d
 from ..layers._common import outside_compiled_graphs
-from ..norms import NORM_TYPES, NORMS, conv_class_for, conv_kwargs, resolve
+from ..norms import NORMS, conv_class_for, conv_kwargs, norm_types, resolve
 
 logger = logging.getLogger("d2_smallbn.conversion")
 
@@ -153,7 +152,7 @@ def convert_model(model, settings=None, *, base_lr=None, expect_norms=True):
                     "classes), so it is returned unchanged: neither INIT nor this call's settings are applied "
                     "again", type(model).__name__)
         return model
-    _refuse_unfit_groups(model, s)
+    _refuse_unfit_channels(model, s)
     scope_of = _scopes(model)
     changes = _split_shared_head_norms(model, s, scope_of)
     done = _inside_converted(model)  # submodules converted on their own: left as they are
@@ -246,21 +245,18 @@ def _warn_nothing_to_convert(model):
     warnings.warn(f"convert_model({type(model).__name__}): nothing to convert: {why}.{bn_note}", stacklevel=3)
 
 
-def _refuse_unfit_groups(model, s):
-    """BCN groups that do not divide a layer's channels: every such layer and the config key at once,
-    before anything is built."""
-    groups = s.BCN.NUM_GROUPS
-    pending = [(name, m) for name, m in model.named_modules() if isinstance(m, PendingNorm) and m.name == "BCN"]
-    unfit = [(name, m) for name, m in pending if m.num_features % groups]
-    if not unfit:
-        return
-    common = math.gcd(*(m.num_features for _, m in pending))
-    divisors = [d for d in range(min(common, groups), 0, -1) if common % d == 0][:4]
-    listed = ", ".join(f"{name} ({m.num_features} channels)" for name, m in unfit[:6])
-    raise ValueError(
-        f"MODEL.SMALLBN.BCN.NUM_GROUPS = {groups} does not divide the channels of {len(unfit)} BCN layer(s): {listed}"
-        + (", ..." if len(unfit) > 6 else "") + ". Fix: set MODEL.SMALLBN.BCN.NUM_GROUPS to a divisor of every BCN "
-        f"layer's channels (here: {', '.join(map(str, divisors))}), or change those layers' channels")
+def _refuse_unfit_channels(model, s):
+    """Channel counts a norm's settings cannot serve (its ``check_channels``: BCN's groups), every such
+    layer at once, before anything is built."""
+    channels = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PendingNorm):
+            channels.setdefault(m.name, {})[name] = m.num_features
+    for norm, found in channels.items():
+        check = NORMS[norm].check_channels
+        problem = check(s[norm], found) if check is not None else None
+        if problem:
+            raise ValueError(problem)
 
 
 def _split_shared_head_norms(model, s, scope_of):
@@ -297,7 +293,7 @@ def _he_init(model):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        if isinstance(module, NORM_TYPES + (nn.GroupNorm, nn.BatchNorm2d)):
+        if isinstance(module, norm_types() + (nn.GroupNorm, nn.BatchNorm2d)):
             for name, p in module.named_parameters():
                 with torch.no_grad():
                     p.fill_(1.0 if "weight" in name else 0.0)
@@ -305,7 +301,7 @@ def _he_init(model):
 
 def smallbn_norms(model):
     """All of this project's norm modules in ``model`` (PerLevelNorm members included)."""
-    return [m for m in model.modules() if isinstance(m, NORM_TYPES)]
+    return [m for m in model.modules() if isinstance(m, norm_types())]
 
 
 def check_converted(model):

@@ -3,10 +3,10 @@
 Two functions, because the stock config keys need them and nothing else would do:
 
 1. ``detectron2.layers.get_norm`` also understands the names of ``d2_smallbn.norms.NORMS``
-   ("CBN", "MABN", "BCN", "BRN"), so that ``MODEL.RESNETS.NORM: "CBN"`` and a LazyConfig's
-   ``norm="CBN"`` work wherever detectron2 builds a norm. A name from the table gives a
-   ``PendingNorm``; an unknown name raises ValueError listing the valid ones (detectron2 raises
-   a bare KeyError). Every other argument behaves exactly as before.
+   ("CBN", "MABN", "BCN", "BRN", and any added by ``d2_smallbn.register_norm``), so that
+   ``MODEL.RESNETS.NORM: "CBN"`` and a LazyConfig's ``norm="CBN"`` work wherever detectron2 builds
+   a norm. A name from the table gives a ``PendingNorm``; an unknown name raises ValueError listing
+   the valid ones (detectron2 raises a bare KeyError). Every other argument behaves exactly as before.
 2. ``detectron2.modeling.build_model(cfg)`` is detectron2's, followed by ``convert_model(model,
    cfg)``: the one conversion call, exactly once. It accepts every config type detectron2's
    accepts (yacs ``CfgNode``, an OmegaConf ``DictConfig`` such as ``OmegaConf.create(cfg.dump())``),
@@ -23,10 +23,8 @@ only inside this project's trainers (``d2_smallbn.engine.ddp``).
 """
 import sys
 
-from ..norms import NORMS
+from ..norms import NORMS, STOCK_NORMS
 from .conversion import PendingNorm, convert_model
-
-STOCK_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
 
 def _wrap_get_norm(original):

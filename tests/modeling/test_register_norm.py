@@ -1,0 +1,185 @@
+"""A user's own norm, registered from outside the package with ``d2_smallbn.register_norm``, goes
+through every path the built-in norms do: the YAML key and MODEL.SMALLBN.<NAME> with its checks, a
+LazyConfig ``norm=`` string, build and training with the hook (and the optimizer's norm rule),
+checkpoint and resume, ``convert_weights`` from a torchvision BN checkpoint, and folding. The toy
+norm lives only in this file."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import tiny_cfg
+from torch import nn
+
+import d2_smallbn
+from d2_smallbn.layers._common import StepCounter
+from d2_smallbn.norms import EPS, NORMS, NormSpec, Phase, Setting, integer, number
+
+
+class BlendedBatchNorm2d(StepCounter):
+    """BN that, after ``warmup_iters`` training steps, normalizes with ``blend`` x batch statistics +
+    (1 - blend) x running statistics. Eval: plain BN with the running statistics."""
+
+    own_state = ("num_steps",)
+
+    def __init__(self, num_features, blend=0.5, warmup_iters=1, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.blend, self.warmup_iters, self.momentum, self.eps = blend, warmup_iters, momentum, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        if not self.uses_batch:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        step = self._begin_step()
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        if step >= self.warmup_iters:
+            mean = self.blend * mean + (1 - self.blend) * self.running_mean
+            var = self.blend * var + (1 - self.blend) * self.running_var
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach(), self.momentum)
+        self._end_step()
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return x * scale.view(1, -1, 1, 1) + (self.bias - mean * scale).view(1, -1, 1, 1)
+
+
+def warmup_from_epochs(layers, section, run):
+    if section.WARMUP_EPOCHS > 0:
+        for layer in layers:
+            layer.warmup_iters = round(section.WARMUP_EPOCHS * run.dataset_size / run.ims_per_batch)
+    return ["toy warmup set"]
+
+
+TOY = NormSpec(
+    "TOYBN", BlendedBatchNorm2d, None, False,
+    {"BLEND": Setting(0.5, number(0, 1), "weight of the batch statistics after the warmup"),
+     "WARMUP_ITERS": Setting(1, integer(0), "plain BN before this iteration"),
+     "WARMUP_EPOCHS": Setting(0.0, number(0), "if > 0, overrides WARMUP_ITERS (the hook converts it)"),
+     "EPS": EPS},
+    lambda t, scope: dict(blend=t.BLEND, warmup_iters=t.WARMUP_ITERS, eps=t.EPS),
+    phases=lambda t: [Phase("WARMUP_ITERS", 0, "nothing to forget")],
+    before_train=warmup_from_epochs, needs_dataset_size=lambda t: t.WARMUP_EPOCHS > 0,
+    doc="a test's own norm")
+
+
+@pytest.fixture
+def toy():
+    d2_smallbn.register_norm(TOY)
+    yield TOY
+    d2_smallbn.unregister_norm("TOYBN")
+    assert "TOYBN" not in NORMS
+
+
+def toys(model):
+    return [m for m in model.modules() if isinstance(m, BlendedBatchNorm2d)]
+
+
+def toy_cfg(tmp_path, iters=2, **smallbn):
+    cfg = tiny_cfg("TOYBN", fpn="TOYBN", box="TOYBN", mask="TOYBN", output_dir=str(tmp_path), iters=iters)
+    for key, value in smallbn.items():
+        cfg.MODEL.SMALLBN.TOYBN[key] = value
+    return cfg
+
+
+def test_register_refuses_a_bad_spec_and_a_taken_name(toy):
+    for name in ("CBN", "TOYBN", "BN", "FROZENBN", "CONV", "AUTO"):
+        with pytest.raises(ValueError, match="taken"):
+            d2_smallbn.register_norm(TOY._replace(name=name, layer=type("Other", (BlendedBatchNorm2d,), {})))
+    with pytest.raises(ValueError, match="already the layer of TOYBN"):
+        d2_smallbn.register_norm(TOY._replace(name="OTHER"))
+    bad = TOY._replace(name="OTHER", layer=nn.BatchNorm2d, settings={"BLEND": Setting(2.0, number(0, 1))})
+    with pytest.raises(ValueError, match="fails its own check"):
+        d2_smallbn.register_norm(bad)
+    with pytest.raises(ValueError, match="NormSpec"):
+        d2_smallbn.register_norm({"name": "OTHER"})
+    assert set(NORMS) == {"CBN", "MABN", "BCN", "BRN", "TOYBN"}
+
+
+def test_yaml_key_and_its_section_build_the_norm_and_are_checked(toy, tmp_path):
+    import detectron2.modeling
+
+    from d2_smallbn.config import check_smallbn_config
+
+    path = tmp_path / "toy.yaml"
+    path.write_text("MODEL:\n  RESNETS:\n    NORM: TOYBN\n  SMALLBN:\n    TOYBN:\n      BLEND: 0.25\n")
+    cfg = toy_cfg(tmp_path)
+    cfg.merge_from_file(str(path))
+    check_smallbn_config(cfg)
+    model = detectron2.modeling.build_model(cfg)
+    assert len(toys(model)) > 20 and {m.blend for m in toys(model)} == {0.25}
+    cfg.merge_from_list(["MODEL.SMALLBN.TOYBN.BLEND", 2.0])
+    with pytest.raises(ValueError, match=r"MODEL.SMALLBN.TOYBN.BLEND = 2.0 is invalid"):
+        check_smallbn_config(cfg)
+
+
+def test_lazy_config_norm_string_builds_the_norm(toy):
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from detectron2.modeling.backbone import BasicStem
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": L(BasicStem)(in_channels=3, out_channels=64, norm="TOYBN"),
+                            "smallbn": {"TOYBN": {"BLEND": 0.75}}, "optimizer": {"lr": 0.01}})
+    model = d2_smallbn.convert_model(instantiate(cfg.model), cfg)
+    assert [m.blend for m in toys(model)] == [0.75]
+
+
+def test_trains_with_the_hook_then_resumes_and_folds(toy, tiny_dataset, tmp_path):
+    from d2_smallbn.engine import SmallBNTrainer
+    from d2_smallbn.modeling import fold_model
+
+    cfg = toy_cfg(tmp_path, iters=2, WARMUP_ITERS=5, WARMUP_EPOCHS=0.5)  # 0.5 x 4 images / 2 per iteration: 1
+    cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM = 1e-4, 0.0
+    trainer = SmallBNTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    first = toys(trainer.model)[0]
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert decay[id(first.weight)] == 0.0  # the optimizer's norm rule
+    trainer.train()
+    assert {int(m.num_steps) for m in toys(trainer.model)} == {2}  # the hook drove both iterations
+    assert {m.warmup_iters for m in toys(trainer.model)} == {1}  # its before_train, with the dataset size
+    trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    cfg = cfg.clone()
+    cfg.SOLVER.MAX_ITER = 3
+    resumed = SmallBNTrainer(cfg)
+    resumed.resume_or_load(resume=True)  # model_final.pth of the run above
+    assert resumed.start_iter == 2
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    resumed.train()
+    assert {int(m.num_steps) for m in toys(resumed.model)} == {3}
+
+    backbone = resumed.model.backbone.eval()
+    x = torch.randn(1, 3, 64, 64)
+    folded = fold_model(backbone)
+    assert not toys(folded) and len(toys(backbone)) > 20
+    with torch.no_grad():
+        for level, out in backbone(x).items():
+            torch.testing.assert_close(folded(x)[level], out, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_weights_maps_a_torchvision_bn_checkpoint_onto_it(toy, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone import build_resnet_backbone
+
+    from d2_smallbn.convert import convert_file
+
+    src, out = tmp_path / "resnet18.pth", tmp_path / "r18_toy.pkl"
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    report = convert_file(str(src), str(out), target_norm="toybn")
+    assert report["targets_used"] == {"toybn": 20}
+    assert report["config_hints"]["MODEL.RESNETS.NORM"] == "TOYBN"
+    assert report["expected_missing_on_load"] == []  # its counter starts fresh: the layer's loads_as_bn
+
+    cfg = toy_cfg(tmp_path)
+    backbone = d2_smallbn.convert_model(build_resnet_backbone(cfg, ShapeSpec(channels=3)), cfg)
+    checkpointer = DetectionCheckpointer(backbone)
+    incompatible = checkpointer._load_model(checkpointer._load_file(str(out)))
+    assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
+    assert incompatible.missing_keys == []
+    loaded = toys(backbone)[0].running_var
+    assert torch.equal(loaded, torch.load(src)["bn1.running_var"])
