@@ -352,11 +352,10 @@ def plot(report, path):
     ax_ap.set_xticks(range(len(names)), [f"{n}\n({report[n]['images_per_iteration']} img/it)" for n in names])
     ax_ap.set(ylabel="AP on smallbn_shapes_val", title="COCO AP (bars: mean over seeds; dots: seeds)")
     ax_ap.legend()
-    for name in names:
+    for i, name in enumerate(names):
         for k, s in enumerate(report[name]["seeds"].values()):
             ax_loss.plot(s["curve"]["iteration"], smooth(s["curve"]["total_loss"]), lw=1,
-                                 label=name if k == 0 else None,
-                                 color=None if k == 0 else ax_loss.get_lines()[-1].get_color())
+                         label=name if k == 0 else None, color=f"C{i % 10}")
     ax_loss.set(xlabel="iteration", ylabel="total loss (running mean of 3 logged values)", yscale="log", title="training loss")
     ax_loss.legend(fontsize=8)
     if measured:
@@ -364,8 +363,9 @@ def plot(report, path):
         for name in measured:
             seed, run = next((k, s) for k, s in report[name]["seeds"].items() if (s.get("statistics_error") or {}).get("curve"))
             curve = run["statistics_error"]["curve"]
-            line, = ax_err.plot(curve["iteration"], curve["var"], lw=1.2, label=f"{name} (seed {seed}): var")
-            ax_err.plot(curve["iteration"], curve["mean"], lw=1, ls="--", color=line.get_color())
+            colour = f"C{names.index(name) % 10}"  # as in the loss panel
+            ax_err.plot(curve["iteration"], curve["var"], lw=1.2, color=colour, label=f"{name} (seed {seed})")
+            ax_err.plot(curve["iteration"], curve["mean"], lw=1, ls="--", color=colour)
         ax_err.set(xlabel="iteration", ylabel="relative error vs the whole batch (mean over layers)", yscale="log",
                    title="statistics error (solid: variance, dashed: mean)")
         ax_err.legend(fontsize=8)
