@@ -27,12 +27,7 @@ from test_configs import (PY_CONFIGS, PY_TWINS, check_settings, configs, structu
                           tiny_dataset, tiny_lazy, trainable, yaml_settings)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def trainable_lazy(name, dataset, output_dir):

@@ -25,12 +25,7 @@ from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d, NormStateDri
 from d2_smallbn.model_zoo import detectron2_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def users_lazy_model(norm):
