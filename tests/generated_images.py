@@ -26,3 +26,17 @@ def make_images(folder, count=4, size=(96, 128), seed=0):
         Image.fromarray(img).save(path)
         records.append({"file_name": path, "image_id": i, "height": h, "width": w, "annotations": annos})
     return records
+
+
+def register_generated(name, folder, size=(64, 96)):
+    """Registers ``name`` in detectron2's catalogs (replacing an earlier one) as images made by
+    ``make_images`` in ``folder``, with their two classes; returns ``name``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    records = make_images(str(folder), size=size)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(thing_classes=["red", "green"])
+    return name

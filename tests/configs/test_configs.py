@@ -25,7 +25,6 @@ from collections import namedtuple
 import pytest
 import torch
 import detectron2.modeling
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.layers.batch_norm import CycleBatchNormList
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead
@@ -40,7 +39,7 @@ from d2_smallbn.layers.brn import BatchRenorm2d
 from d2_smallbn.model_zoo import CONFIG_ROOT, list_configs
 from d2_smallbn.modeling import PerLevelNorm, check_converted
 from d2_smallbn.paper_results import PAPER_RESULTS, paper_result
-from generated_images import make_images
+from generated_images import register_generated
 
 # ------------------------------------------------------------------------------------------------
 # The configs on disk
@@ -526,14 +525,7 @@ TRAINING_GROUPS = _training_groups()
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    name = "smallbn_configs_tiny"
-    records = make_images(str(tmp_path_factory.mktemp("config_images")), size=(64, 96))
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(thing_classes=["red", "green"])
-    return name
+    return register_generated("smallbn_configs_tiny", tmp_path_factory.mktemp("config_images"))
 
 
 def uses_our_norms(cfg):

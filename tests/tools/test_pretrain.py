@@ -20,7 +20,6 @@ import subprocess
 import pytest
 import torch
 import torchvision
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.layers import FrozenBatchNorm2d
 
 import d2_smallbn  # noqa: F401  (registration)
@@ -31,7 +30,7 @@ from d2_smallbn.engine import SmallBNTrainer
 from d2_smallbn.engine.defaults import build_config
 from d2_smallbn.engine.weights_check import WeightsMismatchError, backbone_problems
 from commands import installed
-from generated_images import make_images
+from generated_images import register_generated
 
 TINY = ["--batch-size", "16", "--crop-size", "32", "--train-images", "3", "--val-images", "2", "--threads", "1",
         "--warmup-iters", "1", "--log-period", "1"]
@@ -61,13 +60,7 @@ def pretrained(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="module")
 def detection_dataset(tmp_path_factory):
-    records = make_images(str(tmp_path_factory.mktemp("finetune_images")), size=(64, 96))
-    if DATASET in DatasetCatalog.list():
-        DatasetCatalog.remove(DATASET)
-        MetadataCatalog.remove(DATASET)
-    DatasetCatalog.register(DATASET, lambda: records)
-    MetadataCatalog.get(DATASET).set(thing_classes=["red", "green"])
-    return DATASET
+    return register_generated(DATASET, tmp_path_factory.mktemp("finetune_images"))
 
 
 def final_state(report):
