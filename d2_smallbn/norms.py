@@ -27,8 +27,9 @@ Each entry (``NormSpec``) says:
   (the trainer hook's warning) read.
 
 Adding a norm = one layer file + one entry in ``NORMS``; from a user's own code,
-``register_norm(NormSpec(...))`` (``d2_smallbn.register_norm``) adds the entry. Everything above reads
-the live table. This module imports no detectron2.
+``register_norm(NormSpec(...))`` (``d2_smallbn.register_norm``) adds the entry, and a command learns it
+by importing the user's module (``import_norm_modules``: ``--norm-module``, ``D2_SMALLBN_NORM_MODULES``).
+Everything above reads the live table. This module imports no detectron2.
 """
 import math
 from typing import Callable, Dict, NamedTuple, Optional
@@ -390,6 +391,31 @@ def unregister_norm(name):
     if name not in NORMS:
         raise KeyError(f"no registered norm {name!r}; registered: {', '.join(sorted(set(NORMS) - BUILTIN_NORMS))}")
     del NORMS[name]
+
+
+NORM_MODULES_ENV = "D2_SMALLBN_NORM_MODULES"
+
+
+def import_norm_modules(modules=()):
+    """Imports ``modules`` and the modules named (comma-separated) in the environment variable
+    ``D2_SMALLBN_NORM_MODULES``: a user's modules that call ``register_norm`` when imported, so that a
+    command knows the user's norms by name. Adds ``modules`` to that variable, so that the processes the
+    command starts import them too. Returns the names imported."""
+    import importlib
+    import os
+
+    listed = [m.strip() for m in os.environ.get(NORM_MODULES_ENV, "").split(",") if m.strip()]
+    names = list(dict.fromkeys(listed + [m.strip() for m in modules if m.strip()]))
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"cannot import the norm module {name!r} (named by --norm-module or "
+                              f"{NORM_MODULES_ENV}): {e}. Fix: put the folder that holds it on PYTHONPATH, or "
+                              "correct the module name (dotted, without .py)") from e
+    if names:
+        os.environ[NORM_MODULES_ENV] = ",".join(names)
+    return names
 
 
 def spec_of_type(layer_class):
