@@ -1,8 +1,11 @@
 """The main job on the built-in dataset: generate it, train a quickstart Mask R-CNN, evaluate it
 with COCO evaluation (box and mask) against the same model untrained, and write the results.
 
-    d2-smallbn-quickstart [--norm cbn|mabn|bcn_ws|brn|gn|bn|syncbn] [--iters N] [--num-gpus G] [--output-dir DIR]
-        [KEY VALUE ...]
+    d2-smallbn-quickstart [--norm cbn|mabn|bcn_ws|brn|gn|bn|syncbn | --config-file FILE] [--iters N]
+        [--num-gpus G] [--output-dir DIR] [KEY VALUE ...]
+
+``--config-file`` trains another YAML config on the built-in dataset the same way (a path, or a name
+under the package's configs/, e.g. ``pretrained/mask_rcnn_R18_FPN_frozenbn_cbn.yaml``).
 
 Outputs in the output directory: metrics.json (detectron2's training log), results.json (AP of the
 trained and untrained model), predictions.png (validation images with predictions, drawn with
@@ -28,11 +31,14 @@ logger = logging.getLogger("d2_smallbn.quickstart")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--norm", default="cbn", choices=sorted(NORM_CONFIGS), help="quickstart config (default: cbn)")
+    p.add_argument("--config-file", default=None,
+                   help="train this YAML config instead of --norm's (a path, or a name under the package's configs/); "
+                        "it must train on the built-in dataset as the quickstart configs do")
     p.add_argument("--iters", type=int, default=None,
                    help="training iterations (default: the config's); the LR steps and every norm's own iteration "
                         "counts (CBN's burn-in, MABN's warmups, BRN's ramp) are scaled with it, none below what its "
                         "running estimates need (d2_smallbn.norms.scale_phases); the log lists each value")
-    p.add_argument("--output-dir", default=None, help="default: ./output/quickstart_<norm>")
+    p.add_argument("--output-dir", default=None, help="default: ./output/quickstart_<norm or config name>")
     p.add_argument("--data-root", default=None, help="dataset folder (default: see d2_smallbn.data)")
     p.add_argument("--num-train", type=int, default=None, help="generated training images (default: dataset default)")
     p.add_argument("--num-val", type=int, default=None, help="generated validation images")
@@ -51,7 +57,7 @@ def parse_args(argv=None):
 def build_cfg(args, data_root):
     from .engine.defaults import build_config
 
-    cfg = build_config(NORM_CONFIGS[args.norm], args.opts)
+    cfg = build_config(config_file(args), args.opts)
     if args.iters is not None:
         if args.iters < 1:
             raise ValueError(f"--iters must be >= 1, got {args.iters}")
@@ -82,8 +88,17 @@ def scale_norm_phases(cfg, factor):
     return lines
 
 
+def config_file(args):
+    return args.config_file or NORM_CONFIGS[args.norm]
+
+
+def run_name(args):
+    """What the run trains: the --norm, or the --config-file's name."""
+    return os.path.splitext(os.path.basename(args.config_file))[0] if args.config_file else args.norm
+
+
 def output_dir(args):
-    return os.path.abspath(args.output_dir or os.path.join("output", f"quickstart_{args.norm}"))
+    return os.path.abspath(args.output_dir or os.path.join("output", f"quickstart_{run_name(args)}"))
 
 
 def coco_ap(results):
@@ -184,11 +199,16 @@ def main(argv=None):
     from detectron2.engine import launch
 
     from .data import default_root, generate_dataset
+    from .engine.defaults import resolve_config_file
     from .paths import OutputPathError, check_output_paths
 
     args = parse_args(argv)
     if args.num_gpus < 1:
         raise SystemExit(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    try:  # before any process starts
+        resolve_config_file(config_file(args))
+    except FileNotFoundError as e:
+        raise SystemExit(f"d2-smallbn-quickstart: --config-file {e}") from None
     start = time.time()
     root = args.data_root or default_root()
     try:
@@ -224,7 +244,7 @@ def run_job(args, root, start):
     cfg = build_cfg(args, root)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)  # as detectron2's default_setup does
 
-    logger.info("Training %s for %d iterations on %d process(es) -> %s", NORM_CONFIGS[args.norm],
+    logger.info("Training %s for %d iterations on %d process(es) -> %s", config_file(args),
                 cfg.SOLVER.MAX_ITER, comm.get_world_size(), cfg.OUTPUT_DIR)
     trainer = SmallBNTrainer(cfg)
     if comm.get_world_size() > 1:  # each norm's statistics against the whole batch's, in metrics.json
@@ -252,13 +272,14 @@ def run_job(args, root, start):
     }
     with open(files["config"], "w") as f:
         f.write(cfg.dump())
-    summary = {"norm": args.norm, "config": NORM_CONFIGS[args.norm], "iterations": cfg.SOLVER.MAX_ITER,
+    summary = {"norm": run_name(args), "config": config_file(args), "iterations": cfg.SOLVER.MAX_ITER,
                "images_per_iteration": cfg.SOLVER.IMS_PER_BATCH, "processes": comm.get_world_size(),
                "seed": cfg.SEED, "wall_seconds": round(time.time() - start, 1),
                "train_and_eval_seconds": round(train_seconds, 1), "results": results}
     with open(files["results"], "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
-    labels = {"trained": f"{args.norm}, {cfg.SOLVER.MAX_ITER} iterations", "untrained": f"{args.norm}, untrained"}
+    name = run_name(args)
+    labels = {"trained": f"{name}, {cfg.SOLVER.MAX_ITER} iterations", "untrained": f"{name}, untrained"}
     print("\nCOCO evaluation on smallbn_shapes_val:\n" + ap_table({labels[k]: v for k, v in results.items()}))
     print(f"\nTotal time {summary['wall_seconds']:.0f} s. Outputs:")
     for name, path in files.items():

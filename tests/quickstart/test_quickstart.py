@@ -132,3 +132,21 @@ def test_output_dir_and_data_root_must_stay_apart(inside, tmp_path):
         main(["--data-root", str(data), "--output-dir", str(out)])
     assert "Fix: pass another --output-dir" in str(error.value)
     assert not data.exists()
+
+
+def test_config_file_replaces_the_norms_config_and_names_the_run(tmp_path):
+    from d2_smallbn.quickstart import build_cfg, parse_args, run_name
+
+    args = parse_args(["--config-file", "pretrained/mask_rcnn_R18_FPN_mabn_mabn.yaml", "--iters", "400"])
+    cfg = build_cfg(args, tmp_path)
+    assert cfg.MODEL.RESNETS.NORM == "MABN" and cfg.MODEL.WEIGHTS == "output/pretrain/centered_bn/R18-mabn.pkl"
+    assert cfg.OUTPUT_DIR.endswith("quickstart_mask_rcnn_R18_FPN_mabn_mabn") and run_name(args) in cfg.OUTPUT_DIR
+    assert cfg.MODEL.SMALLBN.MABN.CLIP_WARMUP_ITERS >= 150  # --iters scales its phases as for --norm
+
+
+def test_a_config_file_that_is_not_there_is_refused_before_anything_starts(tmp_path):
+    from d2_smallbn.quickstart import main
+
+    with pytest.raises(SystemExit, match="--config-file 'nope.yaml' is neither a file nor a d2_smallbn config"):
+        main(["--config-file", "nope.yaml", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")])
+    assert not (tmp_path / "data").exists()

@@ -6,7 +6,7 @@ its checkpoints enter fine-tuning.
 - An interrupted run (stopped by --stop-after-iters, or killed by an error after a saved state) is
   reported incomplete, without a final checkpoint, and a rerun continues it to the same weights as
   an uninterrupted run; other settings for an existing state are refused.
-- Each checkpoint converts through d2-smallbn-convert and loads into each fine-tuning config kind
+- Each checkpoint converts through d2-smallbn-convert-weights and loads into each fine-tuning config kind
   (configs/pretrained/: FrozenBN, CBN and BN with FREEZE_AT 2, GN+WS, BCN+WS, centred BN into MABN
   and SyncBN) with no missing or unexpected backbone keys; through 2 fine-tuning iterations every
   FrozenBN's statistics and affine and every tensor of the stem and res2 stay bit-identical.
@@ -15,8 +15,11 @@ its checkpoints enter fine-tuning.
 """
 import json
 import logging
+import pickle
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -24,11 +27,11 @@ from detectron2.layers import FrozenBatchNorm2d
 
 import d2_smallbn  # noqa: F401  (registration)
 from d2_smallbn.bench import pretrain
-from d2_smallbn.convert import config_hints
-from d2_smallbn.convert import main as convert_main
 from d2_smallbn.engine import SmallBNTrainer
 from d2_smallbn.engine.defaults import build_config
 from d2_smallbn.engine.weights_check import WeightsMismatchError, backbone_problems
+from d2_smallbn.weights import config_hints
+from d2_smallbn.weights.cli import main as convert_main
 from commands import installed
 from generated_images import register_generated
 
@@ -95,7 +98,7 @@ def test_report_states_accuracy_settings_and_conversions(pretrained):
         for c in report["convert"]:
             assert c["command"].startswith("d2-smallbn-convert ") and f"--conv {pretrain.VARIANTS[variant].conv}" \
                 in c["command"]
-    # the input normalization is the one d2-smallbn-convert tells the fine-tuning config to use
+    # the input normalization is the one weight conversion tells the fine-tuning config to use
     hints = config_hints({}, {"bn": 1}, 32)
     assert (tuple(hints["MODEL.PIXEL_MEAN"]), tuple(hints["MODEL.PIXEL_STD"]), hints["INPUT.FORMAT"]) == \
         (pretrain.PIXEL_MEAN, pretrain.PIXEL_STD, "RGB")
@@ -180,7 +183,7 @@ FINETUNE = {
 
 
 def converted(pretrained, tmp_path, variant, target, conv=None):
-    """d2-smallbn-convert's command line on the variant's final checkpoint (--conv as pretrain prints it)."""
+    """d2-smallbn-convert-weights' command line on the variant's final checkpoint (--conv as pretrain prints it)."""
     out = tmp_path / f"{variant}-{target}.pkl"
     conv = pretrain.VARIANTS[variant].conv if conv is None else conv
     argv = [pretrained[variant]["checkpoint"], str(out), "--target-norm", target, "--strict"]
@@ -260,13 +263,21 @@ def test_converted_checkpoint_loads_and_frozen_stages_stay_bit_identical(case, p
 
 
 def test_the_installed_command_converts_for_the_frozenbn_setting(pretrained, tmp_path):
-    out = tmp_path / "R18-frozenbn.pkl"
+    """The command pretrain prints (the alias d2-smallbn-convert) and d2-smallbn-convert-weights write the same."""
     command = pretrained["bn"]["convert"][0]["command"].split()
     assert command[0] == "d2-smallbn-convert"
-    proc = subprocess.run([*installed("d2-smallbn-convert"), pretrained["bn"]["checkpoint"], str(out),
-                           *command[3:]], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "every key was mapped" in proc.stdout and "weight transform: plain" in proc.stdout
+    written = {}
+    for name in ("d2-smallbn-convert", "d2-smallbn-convert-weights"):
+        out = tmp_path / name / "R18-frozenbn.pkl"
+        out.parent.mkdir()
+        proc = subprocess.run([*installed(name), pretrained["bn"]["checkpoint"], str(out), *command[3:]],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "every key was mapped" in proc.stdout and "weight transform: plain" in proc.stdout
+        with open(out, "rb") as f:
+            written[name] = pickle.load(f)
+    alias, new = written["d2-smallbn-convert"]["model"], written["d2-smallbn-convert-weights"]["model"]
+    assert sorted(alias) == sorted(new) and all(np.array_equal(alias[k], new[k]) for k in new)
 
 
 # ---- backbones that do not fit ------------------------------------------------------------------------
@@ -279,10 +290,10 @@ MISMATCHES = {
               ["depth: the checkpoint holds a ResNet-18", "the config builds a ResNet-34", "MODEL.RESNETS.DEPTH 18"]),
     "gn_into_frozenbn": (FROZENBN, [], "gn", "gn",
                          ["norm type:", "FrozenBN (FrozenBatchNorm2d)", "MODEL.RESNETS.NORM one of GN,",
-                          "were GN, which d2-smallbn-convert cannot convert for frozenbn"]),
+                          "were GN, which d2-smallbn-convert-weights cannot convert for frozenbn"]),
     "gnws_into_bcn": (BCNWS, [], "gnws", "gn",
                       ["norm type:", "BCN (BatchChannelNorm2d)",
-                       "were GN, which d2-smallbn-convert cannot convert for bcn"]),
+                       "were GN, which d2-smallbn-convert-weights cannot convert for bcn"]),
     "mabn_weights_into_frozenbn": (FROZENBN, [], "centered_bn", "mabn",
                                    ["(1) norm type: stem.conv1.norm holds bias, running_sqmean, weight",
                                     "converted with --target-norm mabn x20", "FrozenBN (FrozenBatchNorm2d)",
@@ -321,7 +332,7 @@ def test_unknown_conv_type_is_not_checked_but_said(pretrained, detection_dataset
                         tmp_path / "run", detection_dataset)
     with caplog.at_level(logging.INFO, logger="d2_smallbn.engine.weights_check"):
         SmallBNTrainer(cfg).resume_or_load(resume=False)
-    assert "converted without d2-smallbn-convert --conv" in caplog.text
+    assert "converted without d2-smallbn-convert-weights --conv" in caplog.text
 
 
 def test_other_checkpoints_get_the_depth_check_only(pretrained):
@@ -338,3 +349,89 @@ def test_other_checkpoints_get_the_depth_check_only(pretrained):
            for b in range(n) for j in (1, 2, 3)}
     problems = backbone_problems(model, {"model": {"stem.conv1.weight": torch.zeros(1), **r50}, "__author__": "x"})
     assert [p.what for p in problems] == ["depth"] and "a ResNet-50 (bottleneck blocks" in problems[0].detail
+
+
+# ---- the fine-tuning study (python -m d2_smallbn.bench.study_pretrained) ------------------------------
+
+def pretrain_dir(pretrained):
+    return Path(pretrained["bn"]["checkpoint"]).parent.parent
+
+
+def test_every_study_row_fits_the_backbone_it_converts(pretrained):
+    """Each row of each table: its config and overrides build a model whose backbone the converted
+    checkpoint fits (the check that stops a run before training finds nothing), and the row's norms
+    are the ones the table names."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from d2_smallbn.bench import study_pretrained
+
+    schedule, _ = study_pretrained.per_gpu_schedule(4, 1, 400)
+    for name, make in study_pretrained.TABLES.items():
+        for row_name, row in make(400).rows.items():
+            weights = study_pretrained.converted(pretrain_dir(pretrained), row.weights)
+            cfg = build_config(f"pretrained/{row.config}",
+                               schedule + [str(x) for pair in row.overrides for x in pair])
+            cfg.MODEL.DEVICE = "cpu"
+            model = build_model(cfg)
+            problems = backbone_problems(model, DetectionCheckpointer(model)._load_file(str(weights)))
+            assert problems == [], (name, row_name, problems)
+            heads = cfg.MODEL.FPN.NORM
+            assert cfg.MODEL.ROI_BOX_HEAD.NORM == cfg.MODEL.ROI_MASK_HEAD.NORM == heads
+            if name == "cbn_4a":
+                assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+                assert heads == {"none": "", "bn": "BN", "syncbn": "naiveSyncBN", "gn": "GN"}.get(row_name, "CBN")
+            else:
+                assert cfg.MODEL.RESNETS.NORM == heads and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+
+
+def test_study_ablation_rows_change_only_their_key():
+    from d2_smallbn.bench import study_pretrained
+
+    rows = study_pretrained.TABLES["cbn_4a"](400).rows
+    assert dict(rows["cbn_k1"].overrides) == {"MODEL.SMALLBN.CBN.WINDOW_SIZE": 1}
+    assert dict(rows["cbn_naive"].overrides) == {"MODEL.SMALLBN.CBN.RHO": 0.0}
+    assert dict(rows["cbn_burnin_25"].overrides) == {"MODEL.SMALLBN.CBN.BURNIN_ITERS": 100}
+    assert dict(rows["cbn_burnin_lr_drop"].overrides) == {"MODEL.SMALLBN.CBN.BURNIN_ITERS": 320}  # the LR step
+    schedule, rules = study_pretrained.per_gpu_schedule(4, 1, 400)
+    assert rules["SOLVER.STEPS"]["value"] == (320,) and rules["MODEL.SMALLBN.CBN.WINDOW_SIZE"]["value"] == 16
+
+
+def test_study_refuses_a_backbone_that_is_not_pretrained(tmp_path):
+    from d2_smallbn.bench import study_pretrained
+
+    with pytest.raises(SystemExit) as error:
+        study_pretrained.main(["--pretrain-dir", str(tmp_path), "--settings", "cbn", "--seeds", "0"])
+    assert "the 'bn' backbone is not pretrained" in str(error.value)
+    assert f"python -m d2_smallbn.bench.pretrain --variants bn --out {tmp_path}" in str(error.value)
+
+
+def test_study_runs_a_row_on_processes_from_the_converted_backbone_and_reports(pretrained, tmp_path):
+    from d2_smallbn.bench import study_pretrained
+
+    out = tmp_path / "study"
+
+    def argv(settings, *flags):
+        return [*flags, "--pretrain-dir", str(pretrain_dir(pretrained)), "--out", str(out), "--gpus", "2",
+                "--iters", "2", "--seeds", "0", "--settings", settings, "--data-root", str(tmp_path / "data"),
+                "--num-train", "4", "--num-val", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+                "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+
+    assert study_pretrained.main(argv("cbn_k1")) == 0
+    run = out / "cbn_4a" / "runs" / "cbn_k1_seed0"
+    config = build_config(str(run / "config.yaml"))
+    assert config.MODEL.WEIGHTS == str(pretrain_dir(pretrained) / "bn" / "R18-frozenbn.pkl")
+    assert config.MODEL.SMALLBN.CBN.WINDOW_SIZE == 1 and config.MODEL.FPN.NORM == "CBN"
+    assert config.MODEL.RESNETS.NORM == "FrozenBN" and config.SOLVER.IMS_PER_BATCH == 2
+    report = json.loads((out / "cbn_4a" / "study_accuracy.json").read_text())
+    entry = report["settings"]["cbn_k1"]
+    assert entry["processes"] == 2 and entry["seeds"]["0"]["statistics_error"]["records"] == 1
+    assert report["rows"]["cbn"]["paper"]["row"].startswith("Faster R-CNN R50-FPN, frozen-BN backbone, CBN")
+    markdown = (out / "cbn_4a" / "study_accuracy.md").read_text()
+    assert "| cbn_k1 | 2 | 1 |" in markdown and "CBN Table 4: Faster R-CNN R50-FPN, frozen-BN backbone" in markdown
+    (run / "results.json").rename(run / "results.json.kept")  # an interrupted run is not reported
+    assert study_pretrained.main(argv("cbn_k1", "--report-only")) == 1
+    (run / "results.json.kept").rename(run / "results.json")
+    assert study_pretrained.main(argv("cbn_k1,bn", "--report-only")) == 0  # the unfinished row is named
+    markdown = (out / "cbn_4a" / "study_accuracy.md").read_text()
+    assert "| cbn_k1 | 2 | 1 |" in markdown and "Not finished (not in the table): bn seed 0" in markdown
