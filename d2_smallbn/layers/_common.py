@@ -151,6 +151,17 @@ class NormBase(nn.Module):
         """True when this forward computes batch statistics and updates state."""
         return self.training and not self.frozen
 
+    def output_without_step(self, x):
+        """The output of a call that takes no training step, or None when it takes one: in eval (or
+        frozen) ``x * scale + shift`` from the layer's ``eval_scale_shift()``; for an input with no
+        elements, ``empty_output``."""
+        if not self.uses_batch:
+            scale, shift = self.eval_scale_shift()
+            return channel_affine(x, scale, shift)
+        if x.numel() == 0:
+            return empty_output(x, self.weight, self.bias)
+        return None
+
     # Loading a BatchNorm checkpoint: the BN statistics are mapped by ``map_bn_state`` and this
     # layer's own training state (rings, windows, counters) starts fresh instead of being "missing".
     # ``convert_weights`` uses the same two methods for its targets (through the table of norms).

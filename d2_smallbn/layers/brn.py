@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import (StepCounter, batch_mean_var, channel_affine, check_float, check_int, empty_output,
-                      outside_compiled_graphs, stat_dtype)
+from ._common import StepCounter, batch_mean_var, check_float, check_int, outside_compiled_graphs, stat_dtype
 
 
 def ramp(iteration, start, end, low, high):
@@ -65,11 +64,9 @@ class BatchRenorm2d(StepCounter):
 
     @outside_compiled_graphs("training")
     def forward(self, x):
-        if not self.uses_batch:
-            scale, shift = self.eval_scale_shift()
-            return channel_affine(x, scale, shift)
-        if x.numel() == 0:
-            return empty_output(x, self.weight, self.bias)
+        out = self.output_without_step(x)
+        if out is not None:
+            return out
         r_max, d_max = self.limits(self._begin_step())
         dtype = stat_dtype(self)
         with torch.no_grad():

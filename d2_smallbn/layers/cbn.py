@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from ._common import (StepCounter, batch_mean_var, channel_affine, check_float, check_int, empty_output,
-                      full_precision, outside_compiled_graphs, stat_dtype)
+from ._common import (StepCounter, batch_mean_var, channel_affine, check_float, check_int, full_precision,
+                      outside_compiled_graphs, stat_dtype)
 from .conv import NormActConv2d
 
 _HISTORY = ("hist_mean", "hist_sqmean", "hist_mean_proj", "hist_sqmean_proj", "hist_dmean", "hist_dsqmean")
@@ -158,11 +158,9 @@ class CrossIterationBatchNorm2d(StepCounter):
 
     @outside_compiled_graphs("training")
     def forward(self, y, x=None, conv=None):
-        if not self.uses_batch:
-            scale, shift = self.eval_scale_shift()
-            return channel_affine(y, scale, shift)
-        if y.numel() == 0:
-            return empty_output(y, self.weight, self.bias)
+        out = self.output_without_step(y)
+        if out is not None:
+            return out
         if y.numel() == y.shape[1]:  # like torch's BatchNorm; shapes only, no host sync
             raise ValueError(
                 f"CrossIterationBatchNorm2d({self.num_features}) got one value per channel in training (input shape "

@@ -28,8 +28,8 @@ sum(grad), and one pass for dx = a*grad - b*x.
 import torch
 from torch import nn
 
-from ._common import (StepCounter, channel_affine, check_float, check_int, empty_output, outside_compiled_graphs,
-                      refuse_scripting, stat_dtype)
+from ._common import (StepCounter, channel_affine, check_float, check_int, outside_compiled_graphs, refuse_scripting,
+                      stat_dtype)
 from .conv import NormActConv2d
 
 
@@ -88,11 +88,9 @@ class MovingAverageBatchNorm2d(StepCounter):
 
     @outside_compiled_graphs("training")
     def forward(self, x):
-        if not self.uses_batch:
-            scale, shift = self.eval_scale_shift()
-            return channel_affine(x, scale, shift)
-        if x.numel() == 0:
-            return empty_output(x, self.weight, self.bias)
+        out = self.output_without_step(x)
+        if out is not None:
+            return out
         t = self._steps + 1
         batch = self.uses_batch_statistics(t)
         if x.numel() == x.shape[1] and (batch or self.buffer_size == 1):
