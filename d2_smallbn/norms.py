@@ -24,7 +24,8 @@ Each entry (``NormSpec``) says:
   (BCN): "lr" (their param group's learning rate) or a fixed rate;
 - ``phases(section)``: its own iteration counts (warmups, burn-in, ramps) and the least each may be
   (``Phase``): what ``scale_phases`` (the study, the quickstart's ``--iters``) and ``short_phases``
-  (the trainer hook's warning) read.
+  (the trainer hook's warning) read; ``paper_phases``: those counts as its paper set them, for the
+  schedule the paper ran (``PaperPhases``), which the studies scale to theirs.
 
 Adding a norm = one layer file + one entry in ``NORMS``; from a user's own code,
 ``register_norm(NormSpec(...))`` (``d2_smallbn.register_norm``) adds the entry, and a command learns it
@@ -120,6 +121,8 @@ class NormSpec(NamedTuple):
     update_rate: Optional[Callable] = None  # (section) -> "lr" or a fixed rate, for NormStateDriver
     check_channels: Optional[Callable] = None  # (section, {module name: channels}) -> problem or None
 
+    paper_phases: Optional["PaperPhases"] = None  # its paper's own iteration counts, for scaled schedules
+
     def build(self, channels, s, scope="backbone"):
         """A new layer for ``channels`` channels from resolved settings ``s`` (see ``resolve``)."""
         layer = self.layer(channels, **self.kwargs(s[self.name], scope))
@@ -131,6 +134,18 @@ class NormSpec(NamedTuple):
     def checkpoint_target(self):
         """Its name for ``convert_weights --target-norm``."""
         return self.name.lower()
+
+
+class PaperPhases(NamedTuple):
+    """A norm's iteration counts as its paper set them (``counts``: key -> value) for a schedule of
+    ``length`` (in the same unit), and where they come from: what the studies scale to their own
+    schedules by ``scale_phases``."""
+    counts: Dict[str, int]
+    length: float
+    source: str
+
+
+PAPER_COCO_ITERS = 180000  # the MABN paper's COCO schedule (2x), which MABN's and BRN's counts belong to
 
 
 class Run(NamedTuple):
@@ -258,6 +273,7 @@ NORMS = {spec.name: spec for spec in (
         lambda c, scope: dict(window_size=c.WINDOW_SIZE, burnin_iters=c.BURNIN_ITERS, rho=c.RHO, eps=c.EPS,
                               momentum=c.MOMENTUM),
         phases=_cbn_phases, before_train=_cbn_burnin_epochs, needs_dataset_size=lambda c: c.BURNIN_EPOCHS > 0,
+        paper_phases=PaperPhases({"BURNIN_ITERS": 3}, 12, "3 of 12 epochs (CBN paper's COCO burn-in)"),
         doc="Cross-Iteration BN (CBN paper); its conv CBNConv2d feeds it the conv input and weight"),
     NormSpec(
         "MABN", MovingAverageBatchNorm2d, CenteredConv2d, False,
@@ -271,7 +287,10 @@ NORMS = {spec.name: spec for spec in (
          "EPS": EPS},
         lambda m, scope: dict(momentum=m.MOMENTUM, buffer_size=m.BUFFER_SIZE, warmup_iters=_mabn_warmup(m, scope),
                               clip_lambda=m.CLIP_LAMBDA, clip_warmup_iters=m.CLIP_WARMUP_ITERS, eps=m.EPS),
-        phases=_mabn_phases, doc="Moving Average BN (MABN paper) with weight-centralized convs"),
+        phases=_mabn_phases, doc="Moving Average BN (MABN paper) with weight-centralized convs",
+        paper_phases=PaperPhases({"WARMUP_ITERS": 100, "FPN_WARMUP_ITERS": 100, "HEADS_WARMUP_ITERS": 10000,
+                                  "CLIP_WARMUP_ITERS": 1000}, PAPER_COCO_ITERS,
+                                 "MABN paper, 180k iterations (heads: appendix B.3)")),
     NormSpec(
         "BCN", BatchChannelNorm2d, WSConv2d, False,
         {"NUM_GROUPS": Setting(32, integer(1), "groups of the GN step"),
@@ -299,7 +318,9 @@ NORMS = {spec.name: spec for spec in (
          "EPS": EPS},
         lambda b, scope: dict(momentum=b.MOMENTUM, r_max=b.R_MAX, d_max=b.D_MAX, warmup_iters=b.WARMUP_ITERS,
                               r_max_iters=b.R_MAX_ITERS, d_max_iters=b.D_MAX_ITERS, eps=b.EPS),
-        phases=_brn_phases, doc="Batch Renormalization (Ioffe 2017), the MABN paper's baseline; plain convs"),
+        phases=_brn_phases, doc="Batch Renormalization (Ioffe 2017), the MABN paper's baseline; plain convs",
+        paper_phases=PaperPhases({"WARMUP_ITERS": 5000, "D_MAX_ITERS": 25000, "R_MAX_ITERS": 40000},
+                                 PAPER_COCO_ITERS, "Ioffe's steps as fractions of the MABN paper's 180k")),
 )}
 
 # detectron2's own norm names (get_norm's): a registered norm may not take one, in any case.

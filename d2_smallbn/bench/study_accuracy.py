@@ -62,7 +62,6 @@ PER_GPU_SETTINGS = {name: name for name in ("bn", "syncbn", "gn", "cbn", "mabn",
 PER_GPU_ITERS = 400
 PROCESSES_PER_CORE = 2  # the most study processes per core (one torch thread each)
 STATS_ERROR = "stats_error/"  # metrics.json keys of StatisticsErrorHook
-PAPER_ITERS = 180000  # the MABN paper's COCO schedule, which the MABN and BRN counts below come from
 METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("segm", "AP"), ("segm", "AP50"))
 QUICKSTART = ["-m", "d2_smallbn.quickstart"]
 
@@ -126,22 +125,15 @@ def per_gpu_schedule(gpus, images_per_gpu, iters):
     (Goyal et al.), the LR warmup stays at 200 images, the step at 80%. CBN's window follows its
     paper's k x images per GPU = 16. Each method's own iteration counts are its paper's, scaled to
     ``iters`` by ``d2_smallbn.norms.scale_phases``, which raises any count below what the method's
-    running estimates need (3 time constants of an EMA, the buffer of a moving average): CBN's
-    burn-in of 3 in 12 epochs; MABN's 100 iterations of batch statistics (backbone, FPN), the heads'
-    10,000 and 1,000 without clipping, of 180,000; BRN's ramp in Ioffe's step counts (5,000 /
-    25,000 / 40,000) taken as fractions of the MABN paper's 180,000. The momentum (of the quickstart
-    configs, the defaults) is kept."""
-    from ..norms import resolve, scale_phases
+    running estimates need (3 time constants of an EMA, the buffer of a moving average). The paper's
+    counts are each norm's ``NormSpec.paper_phases``: CBN's burn-in of 3 in 12 epochs; MABN's 100
+    iterations of batch statistics (backbone, FPN), the heads' 10,000 and 1,000 without clipping, of
+    180,000; BRN's ramp in Ioffe's step counts (5,000 / 25,000 / 40,000) taken as fractions of the
+    MABN paper's 180,000. The momentum (of the quickstart configs, the defaults) is kept."""
+    from ..norms import NORMS, resolve, scale_phases
 
     total = gpus * images_per_gpu
     defaults = resolve(None)
-    paper = {  # norm: (its paper's counts, the schedule they are set for, the source)
-        "CBN": ({"BURNIN_ITERS": 3}, 12, "3 of 12 epochs (CBN paper's COCO burn-in)"),
-        "MABN": ({"WARMUP_ITERS": 100, "FPN_WARMUP_ITERS": 100, "HEADS_WARMUP_ITERS": 10000,
-                  "CLIP_WARMUP_ITERS": 1000}, PAPER_ITERS, "MABN paper, 180k iterations (heads: appendix B.3)"),
-        "BRN": ({"WARMUP_ITERS": 5000, "D_MAX_ITERS": 25000, "R_MAX_ITERS": 40000}, PAPER_ITERS,
-                "Ioffe's steps as fractions of the MABN paper's 180k"),
-    }
     rules = {
         "SOLVER.IMS_PER_BATCH": (total, f"{gpus} processes x {images_per_gpu} images"),
         "MODEL.SMALLBN.PAPER_IMS_PER_GPU": (images_per_gpu, "the per-process batch this study reproduces"),
@@ -151,9 +143,9 @@ def per_gpu_schedule(gpus, images_per_gpu, iters):
         "SOLVER.STEPS": (tuple(s for s in (round(0.8 * iters),) if 0 < s < iters), "lr /10 at 80%, as the quickstart"),
         "MODEL.SMALLBN.CBN.WINDOW_SIZE": (max(1, round(16 / images_per_gpu)), "k x images per GPU = 16 (CBN paper)"),
     }
-    for name, (counts, length, source) in paper.items():
-        for key, (value, how) in scale_phases(name, defaults[name], counts, iters / length).items():
-            rules[f"MODEL.SMALLBN.{name}.{key}"] = (value, f"{source}: {how}")
+    for name, paper in ((name, spec.paper_phases) for name, spec in NORMS.items() if spec.paper_phases):
+        for key, (value, how) in scale_phases(name, defaults[name], paper.counts, iters / paper.length).items():
+            rules[f"MODEL.SMALLBN.{name}.{key}"] = (value, f"{paper.source}: {how}")
     opts = [str(x) for key, (value, _) in rules.items() for x in (key, value)]
     return opts, {key: {"value": value, "rule": why} for key, (value, why) in rules.items()}
 

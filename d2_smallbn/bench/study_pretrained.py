@@ -153,8 +153,10 @@ def parse_args(argv=None):
     wanted = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
     if wanted is not None and (not wanted or set(wanted) - every):
         p.error(f"unknown --settings {sorted(set(wanted) - every) or wanted}; the tables have {','.join(sorted(every))}")
-    args.rows = {name: [r for r in t.rows if (r in wanted if wanted else r in DEFAULT_SETTINGS.get(name, t.rows))]
-                 for name, t in args.tables.items()}
+    rows = {name: [r for r in t.rows if (r in wanted if wanted else r in DEFAULT_SETTINGS.get(name, t.rows))]
+            for name, t in args.tables.items()}
+    args.rows = {name: names for name, names in rows.items() if names}  # a table none of --settings is in: not run
+    args.tables = {name: args.tables[name] for name in args.rows}
     args.out = args.out or Path(f"output/study_pretrained_{args.gpus}x{args.images_per_gpu}")
     return args
 
