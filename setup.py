@@ -16,7 +16,8 @@ setup(
     entry_points={"console_scripts": [
         "d2-smallbn-train = d2_smallbn.train_net:main",
         "d2-smallbn-eval = d2_smallbn.evaluation:main",
-        "d2-smallbn-convert = d2_smallbn.convert:main",
+        "d2-smallbn-convert-weights = d2_smallbn.weights.cli:main",
+        "d2-smallbn-convert = d2_smallbn.convert:main",  # the former name of d2-smallbn-convert-weights
         "d2-smallbn-dataset = d2_smallbn.data.cli:main",
         "d2-smallbn-quickstart = d2_smallbn.quickstart:main",
         "d2-smallbn-demo = d2_smallbn.demo:main",

@@ -1,6 +1,7 @@
 """THE table of norms. Everything that needs to know about one of this project's norms reads it:
 building by name, the conversion pass, the config section ``MODEL.SMALLBN`` and its validation,
-the optimizer's norm-parameter rule, ``convert_weights``' targets, the benchmarks and studies.
+the optimizer's norm-parameter rule, weight conversion's targets (``d2_smallbn.weights``), the
+benchmarks and studies.
 
 Each entry (``NormSpec``) says:
 - ``layer``: the norm's module class (pure PyTorch, ``d2_smallbn.layers``);
@@ -11,7 +12,11 @@ Each entry (``NormSpec``) says:
 - ``kwargs(section, scope)``: the layer's constructor arguments read from that section
   (``scope`` is "backbone", "fpn" or "heads", for settings given per scope);
 - how a BatchNorm checkpoint maps onto it, and its own training state: the layer's
-  ``map_bn_state`` and ``own_state`` (see ``layers/_common.py``), reached through ``layer``;
+  ``map_bn_state`` and ``own_state`` (see ``layers/_common.py``), reached through ``layer``; a
+  checkpoint layout of its own, which weight conversion reads (``d2_smallbn.weights``): the layer's
+  ``is_own_layout``, ``map_own_layout``, ``own_layout_example`` and ``own_layout_batch_prefix``;
+- ``checkpoint_hints(model, num_groups)``: config values that weights converted for it need, read
+  from the converted state dict (BCN's groups), for the conversion's report;
 - ``after_build(layer, settings)``: anything a new layer needs beyond its arguments (BCN's update
   rate starts at the base learning rate: never silently GN);
 - ``before_train(layers, section, run)``: what a layer needs from the training run (``Run``: the dataset
@@ -122,6 +127,7 @@ class NormSpec(NamedTuple):
     check_channels: Optional[Callable] = None  # (section, {module name: channels}) -> problem or None
 
     paper_phases: Optional["PaperPhases"] = None  # its paper's own iteration counts, for scaled schedules
+    checkpoint_hints: Optional[Callable] = None  # (converted state dict, num_groups) -> {config key: value}
 
     def build(self, channels, s, scope="backbone"):
         """A new layer for ``channels`` channels from resolved settings ``s`` (see ``resolve``)."""
@@ -132,7 +138,7 @@ class NormSpec(NamedTuple):
 
     @property
     def checkpoint_target(self):
-        """Its name for ``convert_weights --target-norm``."""
+        """Its name for ``d2-smallbn-convert-weights --target-norm``."""
         return self.name.lower()
 
 
@@ -192,6 +198,12 @@ def _bcn_unfit_groups(b, channels):
     return (f"MODEL.SMALLBN.BCN.NUM_GROUPS = {groups} does not divide the channels of {len(unfit)} BCN layer(s): "
             f"{listed}" + (", ..." if len(unfit) > 6 else "") + ". Fix: set MODEL.SMALLBN.BCN.NUM_GROUPS to a divisor "
             f"of every BCN layer's channels (here: {', '.join(map(str, divisors))}), or change those layers' channels")
+
+
+def _bcn_checkpoint_hints(model, num_groups):
+    """The groups of the converted group affines (``num_groups`` when there are none, or several counts)."""
+    sizes = {v.numel() for k, v in model.items() if k.endswith(".norm.group_weight")}
+    return {"MODEL.SMALLBN.BCN.NUM_GROUPS": sizes.pop() if len(sizes) == 1 else num_groups}
 
 
 def _bcn_rate_keys(b):
@@ -304,7 +316,7 @@ NORMS = {spec.name: spec for spec in (
          "UPDATE_RATE": Setting(0.0, number(0, 1), "the rate with UPDATE_RATE_MODE 'fixed', in (0, 1]")},
         lambda b, scope: dict(num_groups=b.NUM_GROUPS, eps=b.EPS),
         after_build=_bcn_start_rate, check_section=_bcn_rate_keys, update_rate=_bcn_update_rate,
-        check_channels=_bcn_unfit_groups,
+        check_channels=_bcn_unfit_groups, checkpoint_hints=_bcn_checkpoint_hints,
         doc="micro-batch Batch-Channel Norm (BCN+WS paper) with WS convs"),
     NormSpec(
         "BRN", BatchRenorm2d, None, False,
@@ -364,7 +376,7 @@ def _name_problems(name):
     taken = {n.lower(): f"detectron2's norm {n!r}" for n in STOCK_NORMS}
     taken.update({n.lower(): f"the shared setting MODEL.SMALLBN.{n}" for n in COMMON})
     taken.update({n.lower(): f"the registered norm {n!r}" for n in NORMS})
-    taken["auto"] = "convert_weights' target 'auto'"
+    taken["auto"] = "weight conversion's --target-norm 'auto'"
     if name.lower() in taken:
         return [f"name {name!r} is taken by {taken[name.lower()]} (names are compared ignoring case); "
                 f"pick another name"]
@@ -385,7 +397,7 @@ def _spec_problems(spec):
         problems.append("conv_required is True but conv is None: name the conv class the norm needs")
     problems += _setting_problems(spec.settings, f"MODEL.SMALLBN.{spec.name}")
     for field in ("kwargs", "after_build", "check_section", "phases", "before_train", "needs_dataset_size",
-                  "update_rate", "check_channels"):
+                  "update_rate", "check_channels", "checkpoint_hints"):
         value = getattr(spec, field)
         if not (callable(value) or (value is None and field != "kwargs")):
             problems.append(f"{field} must be callable{'' if field == 'kwargs' else ' or None'}, got {value!r}")
@@ -395,7 +407,7 @@ def _spec_problems(spec):
 def register_norm(spec):
     """Adds ``spec`` (a ``NormSpec``) to the table of norms, for every path that reads it: the config
     name (``MODEL.RESNETS.NORM``, LazyConfig ``norm=``), ``MODEL.SMALLBN.<name>`` and its checks,
-    conversion, the trainer hook and optimizer, ``convert_weights``' target ``name.lower()``,
+    conversion, the trainer hook and optimizer, weight conversion's target ``name.lower()``,
     folding. Raises ValueError listing every problem of the spec (a name already taken included).
     Returns ``spec``. ``unregister_norm(name)`` removes it again."""
     problems = _spec_problems(spec)

@@ -4,15 +4,12 @@ import contextlib
 import os
 import re
 
+from ..weights.reading import first_line
 from .weights_check import WeightsMismatchError
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read; the message names the file, the earlier ones and the fix."""
-
-
-def _first_line(err):
-    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 @contextlib.contextmanager
@@ -33,7 +30,7 @@ def explain_unreadable_checkpoint(checkpointer, weights, resume):
         try:
             checkpointer._load_file(path)  # the checkpointer's own reader (fvcore's override point)
         except Exception as read_err:
-            unreadable = f"{type(read_err).__name__}: {_first_line(read_err)}"
+            unreadable = f"{type(read_err).__name__}: {first_line(read_err)}"
         else:
             raise  # the file reads: the failure is elsewhere
         if not resuming:

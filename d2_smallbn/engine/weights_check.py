@@ -8,13 +8,13 @@ built model and stops the run with ``WeightsMismatchError``, naming each mismatc
 - depth: the blocks of each backbone stage the model has (basic or bottleneck), for any
   detectron2-format checkpoint (stages the model builds elsewhere, e.g. a C4 head's res5, are
   not compared); the convs' shapes (widths);
-- norm type, for files written by ``d2-smallbn-convert``: every backbone norm must find the state
-  it needs, as its own layer reads it (``own_state``, ``loads_as_bn`` and ``map_bn_state`` of the
+- norm type, for files written by ``d2-smallbn-convert-weights``: every backbone norm must find the
+  state it needs, as its own layer reads it (``own_state``, ``loads_as_bn`` and ``map_bn_state`` of the
   layers in ``d2_smallbn.norms``: a BN checkpoint's statistics fit CBN, MABN, BRN and BCN; GN's
   affine alone fits only GN). The fix names the ``--target-norm`` that fits and, when the
   checkpoint's own norms do not convert to it, says so;
-- WS or centring, when the conversion recorded it (``d2-smallbn-convert --conv``): the backbone
-  convs' weight transform (``MODEL.SMALLBN.CONV``'s vocabulary) must be the checkpoint's.
+- WS or centring, when the conversion recorded it (``d2-smallbn-convert-weights --conv``): the
+  backbone convs' weight transform (``MODEL.SMALLBN.CONV``'s vocabulary) must be the checkpoint's.
 
 Other files (detectron2's model-zoo .pkl, whose BN statistics are folded into the affine, or a
 run's own ``model_final.pth``) get the depth and shape checks only; resuming a run is not checked.
@@ -25,14 +25,13 @@ import re
 from collections import Counter
 from typing import NamedTuple
 
-import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from torch import nn
 
-from ..convert import (AUTHOR, METADATA_KEY, TRANSFORM_WORDS, conv_setting, convertible_targets, resnet_depth,
-                       target_norm_name)
-from ..layers._common import NormBase
+from ..layers._common import BN_STATISTICS, NormBase
 from ..norms import CONV_TYPES, spec_of
+from ..weights import AUTHOR, METADATA_KEY, convertible_targets, layouts, resnet_depth, target_norm_name
+from ..weights.hints import TRANSFORM_WORDS, conv_setting
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def describe(paths):
 
 
 def norm_target(norm):
-    """The ``d2-smallbn-convert --target-norm`` written for a norm module, or None (no norm, unknown)."""
+    """The ``--target-norm`` of weight conversion written for a norm module, or None (no norm, unknown)."""
     spec = spec_of(norm)
     if spec is not None:
         return spec.checkpoint_target
@@ -159,10 +158,8 @@ def shape_problems(ckpt, convs):
 def statistics_keys(norm):
     """The keys of ``norm``'s state that hold statistics a pretrained checkpoint must provide: what a
     BatchNorm's running_mean/running_var become in it (its layer's ``map_bn_state``), if it keeps any."""
-    sample = {"running_mean": torch.zeros(1), "running_var": torch.ones(1)}
-    if isinstance(norm, NormBase):
-        type(norm).map_bn_state(sample, "")
-    return set(sample) & set(norm.state_dict())
+    kept = type(norm).statistics_keys() if isinstance(norm, NormBase) else BN_STATISTICS
+    return set(kept) & set(norm.state_dict())
 
 
 def norm_fits(norm, leaves):
@@ -215,16 +212,16 @@ def norm_fix(convs, metadata):
     if target is None:
         return "weights of a backbone without norms, or a config whose backbone has the checkpoint's norms"
     source = metadata.get("source") or "<the pretrained checkpoint>"
-    layouts = sorted(metadata.get("source_norm_layouts") or {})
-    impossible = [layout for layout in layouts if layout in ("BN", "GN", "BCN", "MABN")
+    sources = sorted(metadata.get("source_norm_layouts") or {})
+    impossible = [layout for layout in sources if layout in layouts()
                   and target not in convertible_targets(layout, metadata.get("num_groups", 32))]
     if impossible:
         layout = impossible[0]
         fits = ", ".join(target_norm_name(t) for t in convertible_targets(layout, metadata.get("num_groups", 32)))
-        return (f"the checkpoint's norms were {layout}, which d2-smallbn-convert cannot convert for {target} without "
-                f"losing state: fine-tune it with MODEL.RESNETS.NORM one of {fits}, or pretrain the backbone with a "
-                f"norm that converts for {target}")
-    return f"convert the pretrained checkpoint for this norm: d2-smallbn-convert {source} OUT.pkl " \
+        return (f"the checkpoint's norms were {layout}, which d2-smallbn-convert-weights cannot convert for {target} "
+                f"without losing state: fine-tune it with MODEL.RESNETS.NORM one of {fits}, or pretrain the backbone "
+                f"with a norm that converts for {target}")
+    return f"convert the pretrained checkpoint for this norm: d2-smallbn-convert-weights {source} OUT.pkl " \
            f"--target-norm {target}"
 
 
@@ -269,7 +266,7 @@ def backbone_problems(model, checkpoint):
         problems += norm_problems(ckpt, convs, metadata) + conv_problems(convs, metadata)
         if metadata.get("weight_transform", "unknown") == "unknown":
             logger.info("MODEL.WEIGHTS does not say whether its convs were trained with weight standardization or "
-                        "centring (converted without d2-smallbn-convert --conv): not checked")
+                        "centring (converted without d2-smallbn-convert-weights --conv): not checked")
     return problems
 
 

@@ -1,6 +1,6 @@
 """Pieces shared by every norm layer: argument checks, the per-channel affine map,
-empty-input handling, freezing, loading BN checkpoints, the training-step counter and the
-training step's place under torch.compile."""
+empty-input handling, freezing, loading BN checkpoints, reading checkpoints of the layer's own
+layout, the training-step counter and the training step's place under torch.compile."""
 import functools
 import logging
 import math
@@ -112,6 +112,38 @@ def refuse_scripting(module, reason=NORM_NOT_SCRIPTABLE):
 
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+BN_STATISTICS = ("running_mean", "running_var")
+
+
+def as_vector(t):
+    """A tensor with at most one dimension longer than 1 as a 1-D tensor ((1, G, 1) -> (G,)), else None."""
+    if t.dim() == 1:
+        return t
+    if sum(s > 1 for s in t.shape) <= 1:
+        return t.reshape(-1)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def example_keys(layer_class):
+    """(parameter names, state-dict keys) of a 64-channel ``layer_class`` with its default arguments."""
+    layer = layer_class(64)
+    return tuple(name for name, _ in layer.named_parameters()), tuple(layer.state_dict())
+
+
+class CheckpointMapping:
+    """One norm's checkpoint keys (leaf -> tensor, relative to the norm) read for a target norm, key by
+    key: ``out`` {leaf: (tensor, how, [source leaves])}, ``dropped`` and ``unmapped`` [(source leaf,
+    reason)], ``notes`` [text]. Weight conversion (``d2_smallbn.weights``) fills one per norm and reports it."""
+
+    def __init__(self):
+        self.out, self.dropped, self.unmapped, self.notes = {}, [], [], []
+
+    def copy(self, leaf, tensor, sources=None, how="copy"):
+        self.out[leaf] = (tensor, how, list(sources or [leaf]))
+
+    def unmap(self, leaves, reason):
+        self.unmapped.extend((leaf, reason) for leaf in leaves)
 
 
 class NormBase(nn.Module):
@@ -183,6 +215,62 @@ class NormBase(nn.Module):
     def missing_on_load(cls, keys):
         """The layer's keys that loading a checkpoint with ``keys`` reports as missing."""
         return [] if cls.loads_as_bn(keys) else [k for k in cls.own_state if k not in keys]
+
+    @classmethod
+    def statistics_keys(cls):
+        """The keys this layer keeps a BatchNorm's running_mean/running_var as (``map_bn_state``)."""
+        sample = {key: torch.ones(1) for key in BN_STATISTICS}
+        cls.map_bn_state(sample, "")
+        return tuple(sorted(sample))
+
+    # Checkpoints of the layer's own layout, besides a BatchNorm's (weight conversion reads them,
+    # ``d2_smallbn.weights``). By default that layout is the layer's own state when its statistics are
+    # not a BatchNorm's (MABN's running_sqmean): parameters and statistics carry over, the rest of
+    # ``own_state`` (rings, counters) starts fresh. A layer whose checkpoints look otherwise (BCN's
+    # released ones) overrides the three methods and, if its layout holds a BatchNorm part,
+    # ``own_layout_batch_prefix``: where that part lives, read as a BatchNorm checkpoint for any target.
+    own_layout_batch_prefix = None
+
+    @classmethod
+    def _own_statistics(cls):
+        return [key for key in cls.statistics_keys() if key not in BN_STATISTICS]
+
+    @classmethod
+    def is_own_layout(cls, keys):
+        """Whether one norm's checkpoint keys (relative to the norm) are in this layer's own layout."""
+        own = cls._own_statistics()
+        return bool(own) and all(key in keys for key in own)
+
+    @classmethod
+    def own_layout_example(cls, channels, num_groups):
+        """One norm's keys in this layer's own layout, as tensors of ones (``num_groups`` for a part with
+        one value per group), or None when its checkpoints are a BatchNorm's."""
+        if not cls._own_statistics():
+            return None
+        fresh = set(cls.own_state) - set(cls.statistics_keys())
+        kept = [key for key in example_keys(cls)[1] if key not in fresh]
+        return {key: torch.ones(channels) for key in kept}
+
+    @classmethod
+    def map_own_layout(cls, sub, result, name, into, num_groups):
+        """Reads one norm's keys ``sub`` (leaf -> tensor) of this layer's own layout into ``result`` (a
+        ``CheckpointMapping``; its BatchNorm part, if any, is already read): for a layer of this class
+        when ``into`` is None, else for the norm ``into`` names, which cannot take it. ``name``: this
+        norm's name in the table; ``num_groups``: the groups of a per-group part (``--num-groups``)."""
+        statistics = "/".join(cls._own_statistics())
+        if into is not None:
+            result.unmap(sub, f"{name} keeps {statistics}, not a BatchNorm's running_mean/running_var: it "
+                              f"cannot become {into}")
+            return
+        fresh = set(cls.own_state) - set(cls.statistics_keys())
+        keys = example_keys(cls)[1]
+        for leaf, tensor in sub.items():
+            if leaf in fresh:
+                result.dropped.append((leaf, f"{name} training state: starts fresh"))
+            elif leaf in keys:
+                result.copy(leaf, tensor)
+            else:
+                result.unmap([leaf], f"not part of {name}'s state")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

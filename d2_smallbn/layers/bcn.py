@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import (NormBase, batch_mean_var, check_float, check_int, empty_output, full_precision,
-                      outside_compiled_graphs, stat_dtype)
+from ._common import (BN_STATISTICS, NormBase, as_vector, batch_mean_var, check_float, check_int, empty_output,
+                      full_precision, outside_compiled_graphs, stat_dtype)
 
 
 def compute_dtype(x):
@@ -175,6 +175,87 @@ class BatchChannelNorm2d(NormBase):
 
     def extra_repr(self):
         return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}"
+
+    # Its released checkpoints (the BCN+WS authors'): an inner BatchNorm "bn.*" and the group affine,
+    # "gn.weight"/"gn.bias" or "weight"/"bias" beside the inner BatchNorm (the authors' code), of length
+    # G, or per channel when constant within each group. Weight conversion reads the inner BatchNorm as
+    # a BatchNorm checkpoint (``own_layout_batch_prefix``) and the group affine here.
+    own_layout_batch_prefix = "bn."
+
+    @classmethod
+    def is_own_layout(cls, keys):
+        return any(key.startswith("bn.") for key in keys)
+
+    @classmethod
+    def own_layout_example(cls, channels, num_groups):
+        example = {f"bn.{key}": torch.ones(channels) for key in ("weight", "bias") + BN_STATISTICS}
+        return {**example, "gn.weight": torch.ones(num_groups), "gn.bias": torch.ones(num_groups)}
+
+    @classmethod
+    def map_own_layout(cls, sub, result, name, into, num_groups):
+        affine = _group_affine_leaves(sub)
+        for leaf in sub:
+            if not leaf.startswith("bn.") and leaf not in affine:
+                result.unmap([leaf], f"not part of a {name} norm's batch part or group affine")
+        if not affine:
+            result.notes.append(f"{name} norm without a group affine: group_weight/group_bias start at 1/0")
+        elif into is not None:
+            result.unmap(affine, f"the group part of {name} has no counterpart in a {into} norm")
+        else:
+            _read_group_affine([sub[leaf] for leaf in affine], affine, sub["bn.running_mean"].numel(), num_groups,
+                               result)
+
+
+def _group_affine_leaves(sub):
+    """The group affine's leaves in a released BCN checkpoint norm: [weight(, bias)], or []."""
+    for prefix in ("gn.", ""):
+        if prefix + "weight" in sub:
+            return [prefix + "weight"] + ([prefix + "bias"] if prefix + "bias" in sub else [])
+    return []
+
+
+def _read_group_affine(tensors, leaves, channels, num_groups, result):
+    """The group affine (length G, or length C constant within groups of C / ``num_groups``) as
+    group_weight/group_bias; unmapped, with the reason, when it has no exact per-group value."""
+    vectors = [as_vector(t) for t in tensors]
+    if any(v is None for v in vectors) or len({v.numel() for v in vectors}) > 1:
+        shapes = " and ".join(str(tuple(t.shape)) for t in tensors)
+        result.unmap(leaves, f"group affine of shape {shapes} is not a vector of one length")
+        return
+    length = vectors[0].numel()
+    if length == num_groups and channels % length == 0:
+        how = "copy (one value per group)"
+    elif length == channels:
+        if channels % num_groups:
+            result.unmap(leaves, f"per-channel group affine (length {channels}) cannot be reduced to {num_groups} "
+                                 f"groups: {num_groups} does not divide {channels} (--num-groups)")
+            return
+        per_group = _one_value_per_group(vectors, num_groups)
+        if per_group is None:
+            result.unmap(leaves, f"per-channel group affine (length {channels}) varies within groups of "
+                                 f"{channels // num_groups} channels; BatchChannelNorm2d has one scale and shift per "
+                                 f"group (G={num_groups}), so it cannot be mapped exactly")
+            return
+        vectors = per_group
+        how = f"per-channel (length {channels}), constant within {num_groups} groups: one value per group"
+    elif channels % length == 0:
+        how = "copy (one value per group)"
+        result.notes.append(f"group affine has {length} groups, not --num-groups {num_groups}: the model needs "
+                            f"MODEL.SMALLBN.BCN.NUM_GROUPS = {length}")
+    else:
+        result.unmap(leaves, f"group affine of length {length} is neither per channel ({channels}) nor per group "
+                             f"(a divisor of {channels})")
+        return
+    for target, vector, leaf in zip(("group_weight", "group_bias"), vectors, leaves):
+        result.copy(target, vector, [leaf], how)
+
+
+def _one_value_per_group(vectors, num_groups):
+    """Per-channel vectors as one value per group, or None when one varies within a group."""
+    grouped = [v.view(num_groups, -1) for v in vectors]
+    if not all(torch.equal(g, g[:, :1].expand_as(g)) for g in grouped):
+        return None
+    return [g[:, 0].clone() for g in grouped]
 
 
 class _NormalizeByEstimates(torch.autograd.Function):

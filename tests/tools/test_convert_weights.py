@@ -1,14 +1,16 @@
-"""d2-smallbn-convert (d2_smallbn.convert) on synthetic ResNet-18 checkpoints (nothing is
-downloaded): torchvision BN (plain, DataParallel 'module.', wrapped in {"state_dict": ...}), GN+WS,
-BCN+WS with an inner bn and a group affine (per group, per channel constant within groups, per
-channel varying, the authors' layout with the affine beside the inner bn), and junk keys.
+"""d2-smallbn-convert-weights (d2_smallbn.weights; the alias d2-smallbn-convert, d2_smallbn.convert) on
+synthetic ResNet-18 checkpoints (nothing is downloaded): torchvision BN (plain, DataParallel 'module.',
+wrapped in {"state_dict": ...}), GN+WS, BCN+WS with an inner bn and a group affine (per group, per
+channel constant within groups, per channel varying, the authors' layout with the affine beside the
+inner bn), MABN's own layout, and junk keys.
 
 Checked: values are preserved exactly under the detectron2 names; the .pkl loads through
 DetectionCheckpointer into a detectron2 R18 (build_resnet_backbone, NORM BN/FrozenBN, CBN, MABN,
 BCN, GN with WS convs, and nested as bottom_up of an FPN) with no unexpected keys, no shape
 mismatches and no missing backbone keys except the layer state that starts fresh, and every model
 tensor equal to the converted value; MABN gets running_sqmean = running_var + running_mean^2;
-BCN's group affine lands in group_weight/group_bias; unmapped keys are reported (and --strict fails).
+BCN's group affine lands in group_weight/group_bias; an MABN checkpoint keeps its statistics and
+starts its training state fresh; unmapped keys are reported (and --strict fails).
 """
 import functools
 import json
@@ -26,11 +28,12 @@ from torch import nn
 
 import d2_smallbn  # noqa: F401  (registers the norm names)
 from d2_smallbn import add_smallbn_config
-from d2_smallbn.convert import ConvertError, convert_file, convert_state_dict, is_expected_missing
-from d2_smallbn.convert import main as convert_main
+from d2_smallbn.layers import MovingAverageBatchNorm2d
+from d2_smallbn.weights import ConvertError, convert_file, convert_state_dict, is_expected_missing
+from d2_smallbn.weights.cli import main as convert_main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMMAND = [sys.executable, "-m", "d2_smallbn.convert"]
+COMMAND = [sys.executable, "-m", "d2_smallbn.weights"]
 G = 32  # BCN groups (the default of --num-groups and MODEL.SMALLBN.BCN.NUM_GROUPS)
 
 
@@ -71,7 +74,7 @@ def _randomize(sd, seed=0):
     for k, v in sd.items():
         if v.is_floating_point():
             r = torch.rand(v.shape, generator=gen)
-            out[k] = r + 0.5 if k.endswith("running_var") else r * 2 - 1
+            out[k] = r + 0.5 if k.endswith(("running_var", "running_sqmean")) else r * 2 - 1
         else:
             out[k] = torch.full_like(v, 7)
     return out
@@ -90,6 +93,7 @@ def _resnet18_state(norm, seed):
         "bcn": lambda c: BCNLike(c),
         "bcn_per_channel": lambda c: BCNLike(c, "per_channel"),
         "bcn_authors": BCNAuthors,
+        "mabn": MovingAverageBatchNorm2d,  # d2_smallbn's own layer: its state is MABN's layout
     }
     sd = _randomize(torchvision.models.resnet18(weights=None, norm_layer=layers[norm]).state_dict(), seed)
     if norm == "bcn_per_channel":  # GroupNorm affine of length C, constant within each group
@@ -297,10 +301,44 @@ def test_unmapped_keys_are_reported():
     assert "res2.0.conv1.norm.running_var" in report["model"]  # the rest of that norm is kept
 
 
+MABN_TRAINING_STATE = ("num_steps", "sqmean_buffer", "psi_buffer")
+
+
+def test_mabn_own_layout_keeps_its_statistics_and_starts_its_training_state_fresh():
+    sd = resnet18_state("mabn")
+    report = convert_state_dict(sd)
+    model = report["model"]
+    assert report["source_norm_layouts"] == {"MABN": 20} and report["targets_used"] == {"mabn": 20}
+    assert report["unmapped"] == [] and report["config_hints"]["MODEL.RESNETS.NORM"] == "MABN"
+    norms = [k[: -len(".running_sqmean")] for k in sd if k.endswith(".running_sqmean")]
+    assert len(norms) == 20
+    assert {d["key"] for d in report["dropped"]} == {f"{n}.{leaf}" for n in norms for leaf in MABN_TRAINING_STATE} \
+        | {"fc.weight", "fc.bias"}
+    for src in norms:
+        dst = d2_name(src + ".weight")[: -len(".weight")]
+        assert {k[len(dst) + 1:] for k in model if k.startswith(dst + ".")} == {"weight", "bias", "running_sqmean"}
+        for leaf in ("weight", "bias", "running_sqmean"):
+            assert torch.equal(model[f"{dst}.{leaf}"], sd[f"{src}.{leaf}"]), (dst, leaf)
+
+
+def test_mabn_own_layout_loads_into_detectron2_r18(tmp_path):
+    sd = resnet18_state("mabn")
+    src, out = _save(tmp_path / "in.pth", sd), str(tmp_path / "out.pkl")
+    report = convert_file(src, out)
+    model = build_r18("MABN")
+    inc = assert_loaded(model, out, report)
+    assert sorted({k.rsplit(".", 1)[-1] for k in inc.missing_keys}) == sorted(MABN_TRAINING_STATE)
+    assert torch.equal(model.res3[1].conv2.norm.running_sqmean, sd["layer2.1.bn2.running_sqmean"])
+    assert int(model.res3[1].conv2.norm.num_steps) == 0 and sd["layer2.1.bn2.num_steps"] == 7  # fresh
+
+
 @pytest.mark.parametrize("src,target,reason", [
     ("bn", "gn", "cannot become a GroupNorm"),
     ("gn", "bn", "no batch statistics"),
     ("bcn", "bn", "group part of BCN has no counterpart"),
+    ("bcn", "gn", "a BCN norm cannot become a GroupNorm"),
+    ("mabn", "cbn", "cannot become CBN"),
+    ("mabn", "gn", "cannot become GN"),
 ])
 def test_impossible_targets_are_reported(src, target, reason):
     report = convert_state_dict(resnet18_state(src), target_norm=target)
@@ -371,6 +409,16 @@ def test_loads_into_fpn_bottom_up(tmp_path):
 
 
 # ---- tests: command line ------------------------------------------------------------------------
+
+def test_the_former_name_is_an_alias():
+    """d2-smallbn-convert and python -m d2_smallbn.convert run the same code (the installed commands'
+    --help is compared in test_installed)."""
+    import d2_smallbn.convert as alias
+    import d2_smallbn.weights as weights
+
+    assert alias.main is convert_main
+    assert all(getattr(alias, name) is getattr(weights, name) for name in weights.__all__)
+
 
 def _run(args, cwd):
     return subprocess.run([*COMMAND, *map(str, args)], cwd=cwd, capture_output=True, text=True,

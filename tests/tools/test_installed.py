@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REQUIRED = {"d2-smallbn-train", "d2-smallbn-eval", "d2-smallbn-convert", "d2-smallbn-dataset",
-            "d2-smallbn-quickstart", "d2-smallbn-demo"}
+REQUIRED = {"d2-smallbn-train", "d2-smallbn-eval", "d2-smallbn-convert-weights", "d2-smallbn-convert",
+            "d2-smallbn-dataset", "d2-smallbn-quickstart", "d2-smallbn-demo"}
 SCRIPTS = ("from importlib.metadata import distribution\n"
            "print('\\n'.join(e.name for e in distribution('d2_smallbn').entry_points if e.group == 'console_scripts'))")
 
@@ -62,7 +62,8 @@ def test_the_package_is_installed_as_a_copy_with_every_command(venv):
         proc = run([str(env_dir / "bin" / name), "--help"], work)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: "), (name, proc.stdout[-2000:],
                                                                             proc.stderr[-2000:])
-        module = {"d2-smallbn-eval": "d2_smallbn.evaluation", "d2-smallbn-convert": "d2_smallbn.convert",
+        module = {"d2-smallbn-eval": "d2_smallbn.evaluation", "d2-smallbn-convert-weights": "d2_smallbn.weights",
+                  "d2-smallbn-convert": "d2_smallbn.convert",
                   "d2-smallbn-quickstart": "d2_smallbn.quickstart", "d2-smallbn-demo": "d2_smallbn.demo",
                   "d2-smallbn-train": "d2_smallbn.train_net", "d2-smallbn-dataset": "d2_smallbn.data"}.get(name)
         if module:  # the same command as python -m
