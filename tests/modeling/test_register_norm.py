@@ -1,8 +1,10 @@
 """A user's own norm, registered from outside the package with ``d2_smallbn.register_norm``, goes
 through every path the built-in norms do: the YAML key and MODEL.SMALLBN.<NAME> with its checks, a
 LazyConfig ``norm=`` string, build and training with the hook (and the optimizer's norm rule),
-checkpoint and resume, ``convert_weights`` from a torchvision BN checkpoint, and folding. The toy
-norm lives only in this file."""
+checkpoint and resume, weight conversion (``d2_smallbn.weights``) from a torchvision BN checkpoint,
+and folding. A second toy norm, whose statistics are not a BatchNorm's, converts from a BN
+checkpoint as its layer maps it and from checkpoints of its own layout. The toy norms live only in
+this file."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,43 @@ class BlendedBatchNorm2d(StepCounter):
         return x * scale.view(1, -1, 1, 1) + (self.bias - mean * scale).view(1, -1, 1, 1)
 
 
+class PowerNorm2d(StepCounter):
+    """Divides by the root of the mean of x^2 (no centring); eval uses ``running_power``, the running
+    mean of x^2, which a BatchNorm's statistics give as running_var + running_mean^2."""
+
+    own_state = ("num_steps", "running_power")
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_power", torch.ones(num_features))
+
+    @staticmethod
+    def map_bn_state(state_dict, prefix):
+        mean = state_dict.pop(prefix + "running_mean")
+        var = state_dict.pop(prefix + "running_var")
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        state_dict[prefix + "running_power"] = var + mean ** 2
+        return "running_power = running_var + running_mean^2"
+
+    def forward(self, x):
+        power = self.running_power
+        if self.uses_batch:
+            self._begin_step()
+            power = x.square().mean((0, 2, 3))
+            with torch.no_grad():
+                self.running_power.lerp_(power.detach(), self.momentum)
+            self._end_step()
+        scale = self.weight * torch.rsqrt(power + self.eps)
+        return x * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+POWER = NormSpec("TOYPOW", PowerNorm2d, None, False, {"EPS": EPS}, lambda t, scope: dict(eps=t.EPS),
+                 doc="a test's own norm with statistics of its own")
+
+
 def warmup_from_epochs(layers, section, run):
     if section.WARMUP_EPOCHS > 0:
         for layer in layers:
@@ -70,6 +109,13 @@ def toy():
     yield TOY
     d2_smallbn.unregister_norm("TOYBN")
     assert "TOYBN" not in NORMS
+
+
+@pytest.fixture
+def power():
+    d2_smallbn.register_norm(POWER)
+    yield POWER
+    d2_smallbn.unregister_norm("TOYPOW")
 
 
 def toys(model):
@@ -166,7 +212,7 @@ def test_convert_weights_maps_a_torchvision_bn_checkpoint_onto_it(toy, tmp_path)
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone
 
-    from d2_smallbn.convert import convert_file
+    from d2_smallbn.weights import convert_file
 
     src, out = tmp_path / "resnet18.pth", tmp_path / "r18_toy.pkl"
     torch.save(torchvision.models.resnet18().state_dict(), src)
@@ -183,3 +229,67 @@ def test_convert_weights_maps_a_torchvision_bn_checkpoint_onto_it(toy, tmp_path)
     assert incompatible.missing_keys == []
     loaded = toys(backbone)[0].running_var
     assert torch.equal(loaded, torch.load(src)["bn1.running_var"])
+
+
+def random_statistics(state, seed=0):
+    """``state`` with random running statistics (variances and powers positive), so that equality means something."""
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for key, value in state.items():
+        if key.endswith(("running_var", "running_power")):
+            out[key] = torch.rand(value.shape, generator=generator) + 0.5
+        elif key.endswith("running_mean"):
+            out[key] = torch.randn(value.shape, generator=generator)
+    return out
+
+
+def load_toy_backbone(cfg, path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone import build_resnet_backbone
+
+    backbone = d2_smallbn.convert_model(build_resnet_backbone(cfg, ShapeSpec(channels=3)), cfg)
+    checkpointer = DetectionCheckpointer(backbone)
+    return backbone, checkpointer._load_model(checkpointer._load_file(str(path)))
+
+
+def test_convert_weights_maps_bn_statistics_as_the_layer_of_a_norm_with_its_own_statistics(power, tmp_path):
+    from d2_smallbn.weights import convert_file, is_expected_missing
+
+    src, out = tmp_path / "resnet18.pth", tmp_path / "r18_power.pkl"
+    state = random_statistics(torchvision.models.resnet18().state_dict())
+    torch.save(state, src)
+    report = convert_file(str(src), str(out), target_norm="toypow")
+    assert report["targets_used"] == {"toypow": 20} and report["unmapped"] == []
+    assert report["config_hints"]["MODEL.RESNETS.NORM"] == "TOYPOW"
+
+    backbone, incompatible = load_toy_backbone(tiny_cfg("TOYPOW"), out)
+    assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
+    assert incompatible.missing_keys and all(k.endswith(".num_steps") for k in incompatible.missing_keys)
+    assert all(is_expected_missing(k, report["expected_missing_on_load"]) for k in incompatible.missing_keys)
+    mean, var = state["layer3.1.bn2.running_mean"], state["layer3.1.bn2.running_var"]
+    torch.testing.assert_close(backbone.res4[1].conv2.norm.running_power, var + mean ** 2, rtol=0, atol=0)
+
+
+def test_convert_weights_reads_checkpoints_of_a_norms_own_layout(power, tmp_path):
+    from d2_smallbn.weights import convert_file, convert_state_dict
+
+    state = random_statistics(torchvision.models.resnet18(norm_layer=PowerNorm2d).state_dict())
+    state = {k: torch.full_like(v, 9) if k.endswith("num_steps") else v for k, v in state.items()}
+    src, out = tmp_path / "resnet18_power.pth", tmp_path / "r18_power.pkl"
+    torch.save(state, src)
+    report = convert_file(str(src), str(out))  # --target-norm auto: the norm whose layout it is
+    assert report["source_norm_layouts"] == {"TOYPOW": 20} and report["targets_used"] == {"toypow": 20}
+    assert report["unmapped"] == []
+    assert {d["key"] for d in report["dropped"]} == {k for k in state if k.endswith("num_steps") or k.startswith("fc.")}
+
+    backbone, incompatible = load_toy_backbone(tiny_cfg("TOYPOW"), out)
+    assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
+    assert incompatible.missing_keys and all(k.endswith(".num_steps") for k in incompatible.missing_keys)
+    norm = backbone.res3[0].shortcut.norm
+    for leaf in ("weight", "bias", "running_power"):
+        assert torch.equal(getattr(norm, leaf), state[f"layer2.0.downsample.1.{leaf}"]), leaf
+    assert int(norm.num_steps) == 0  # its training state starts fresh
+
+    unmapped = convert_state_dict(state, target_norm="bn")["unmapped"]
+    assert len(unmapped) == 20 * 4 and all("cannot become BN" in u["reason"] for u in unmapped)
