@@ -5,6 +5,7 @@ import json
 import sys
 from collections import Counter
 
+from ..norms import NORM_MODULES_ENV, import_norm_modules
 from .hints import WEIGHT_TRANSFORMS
 from .layouts import targets
 from .reading import ConvertError
@@ -50,7 +51,15 @@ def format_report(report):
     return "\n".join(lines)
 
 
+def _add_norm_modules(p):
+    p.add_argument("--norm-module", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): a module of yours that registers norms with "
+                        f"d2_smallbn.register_norm, so that --target-norm takes them; {NORM_MODULES_ENV}="
+                        "MODULE[,MODULE] does the same")
+
+
 def parser():
+    """The command's arguments; --target-norm offers the norms registered when it is called."""
     p = argparse.ArgumentParser(
         prog=COMMAND,
         description="Convert a torchvision-style ResNet checkpoint (BN, GN+WS, BCN+WS, weight-centralized) "
@@ -61,7 +70,7 @@ def parser():
                    help="MODEL.RESNETS.NORM of the model that will load the weights (auto: BN->bn, GN->gn, "
                         "a norm's own layout (BCN, MABN) -> that norm); bn/frozenbn/syncbn/cbn keep the BN statistics "
                         "(num_batches_tracked only for bn/syncbn); mabn writes running_sqmean = running_var + "
-                        "running_mean^2")
+                        "running_mean^2; a norm of yours once --norm-module registers it")
     p.add_argument("--num-groups", type=int, default=32,
                    help="BCN groups (MODEL.SMALLBN.BCN.NUM_GROUPS), to reduce a per-channel group affine")
     p.add_argument("--conv", default="unknown", choices=WEIGHT_TRANSFORMS,
@@ -74,12 +83,26 @@ def parser():
     p.add_argument("--strict", action="store_true", help="exit with 1 if any key could not be mapped")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints with arbitrary pickled objects (unpickling can run code)")
+    _add_norm_modules(p)
     return p
+
+
+def import_requested_norms(argv):
+    """Imports the modules of --norm-module in ``argv`` and of D2_SMALLBN_NORM_MODULES, before the
+    parser lists --target-norm's choices; a module that cannot be imported is a usage error."""
+    modules = argparse.ArgumentParser(add_help=False)
+    _add_norm_modules(modules)
+    try:
+        import_norm_modules(modules.parse_known_args(argv)[0].norm_module)
+    except ImportError as e:
+        parser().error(str(e))
 
 
 def main(argv=None):
     """Exit codes: 0 done; 1 unmapped keys with --strict (the output is still written); 2 unusable
-    input or output."""
+    input or output, or bad arguments."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    import_requested_norms(argv)
     arguments = parser()
     args = arguments.parse_args(argv)
     if args.num_groups < 1:

@@ -231,6 +231,38 @@ def test_convert_weights_maps_a_torchvision_bn_checkpoint_onto_it(toy, tmp_path)
     assert torch.equal(loaded, torch.load(src)["bn1.running_var"])
 
 
+def test_the_conversion_command_converts_for_it_once_a_module_of_yours_registers_it(tmp_path, monkeypatch, capsys):
+    """d2-smallbn-convert-weights, in a process of its own, knows the toy norm by name once a module of the
+    user's that registers it is named with --norm-module; without it, --target-norm toybn is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from d2_smallbn.weights.cli import main as convert_main
+
+    src, out = tmp_path / "resnet18.pth", tmp_path / "r18_toy.pkl"
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    arguments = [str(src), str(out), "--target-norm", "toybn", "--strict"]
+    monkeypatch.delenv("D2_SMALLBN_NORM_MODULES", raising=False)
+    with pytest.raises(SystemExit) as refused:
+        convert_main(arguments)
+    assert refused.value.code == 2 and "invalid choice: 'toybn'" in capsys.readouterr().err and not out.exists()
+
+    (tmp_path / "toy_norm_module.py").write_text("import d2_smallbn\nfrom test_register_norm import TOY\n\n"
+                                                 "d2_smallbn.register_norm(TOY)\n")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(here), str(here.parent)]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "d2_smallbn.weights", *arguments, "--norm-module", "toy_norm_module"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "r18_toy.report.json").read_text())
+    assert report["targets_used"] == {"toybn": 20} and report["unmapped"] == []
+    assert report["config_hints"]["MODEL.RESNETS.NORM"] == "TOYBN"
+
+
 def random_statistics(state, seed=0):
     """``state`` with random running statistics (variances and powers positive), so that equality means something."""
     generator = torch.Generator().manual_seed(seed)
