@@ -25,7 +25,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-NORMS = ("cbn", "mabn", "bcn_ws", "gn", "bn")
+QUICKSTART_NORMS = ("cbn", "mabn", "bcn_ws", "gn", "bn")  # the quickstart configs the train stage trains
 REPORT_RESERVE_S = 15  # kept back from the budget for writing the report
 
 
@@ -59,7 +59,7 @@ def stages(device, work):
         "train": (150 if cuda else 600,
                   [[py, "tools/make_dataset.py", "--root", data] + data_size] +
                   [[py, "tools/quickstart.py", "--norm", norm, "--output-dir", f"{work}/train_{norm}", "--data-root",
-                    data, "--no-untrained", "--num-vis", "2"] + data_size + train for norm in NORMS], cuda),
+                    data, "--no-untrained", "--num-vis", "2"] + data_size + train for norm in QUICKSTART_NORMS], cuda),
         "model_b4": (120 if cuda else 300, [bench + ["--out", f"{work}/model_b4"] + model_b4], False),
     }
 
@@ -122,7 +122,7 @@ def load_json(path):
 
 def training_summary(work):
     rows = {}
-    for norm in NORMS:
+    for norm in QUICKSTART_NORMS:
         folder = Path(work) / f"train_{norm}"
         result = load_json(folder / "results.json")
         entries = []
@@ -145,9 +145,13 @@ def training_summary(work):
     return rows
 
 
-def environment(device, install_seconds):
+def installation(device, install_seconds):
+    """What the check runs on: the versions of Python, torch (and its CUDA build), numpy and detectron2 (where,
+    and whether its ``_C`` is there), the device (its name as the benchmarks report it) and the install's time."""
     import numpy
     import torch
+
+    from .bench.common import device_info
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
             "numpy": numpy.__version__, "install_seconds": install_seconds, "device": device}
@@ -159,10 +163,11 @@ def environment(device, install_seconds):
         info["detectron2"] = f"not importable: {e}"
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    cudnn=torch.backends.cudnn.version(), gpu_count=torch.cuda.device_count())
+        info.update(gpu=device_info(torch.device("cuda", 0))["name"],
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), cudnn=torch.backends.cudnn.version(),
+                    gpu_count=torch.cuda.device_count())
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = device_info(torch.device("cpu"))["name"]
     return info
 
 
@@ -223,7 +228,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "budget_s": args.budget,
-              "environment": environment(args.device, args.install_seconds), "stages": {}}
+              "environment": installation(args.device, args.install_seconds), "stages": {}}
     for name, (limit, commands, parallel) in stages(args.device, str(args.work)).items():
         left = deadline - time.time()
         if left < 20:

@@ -8,5 +8,13 @@ call the same ``main``):
     study_mabn_premise  MABN's premise: moving averages of the batch statistics' gradients
     pretrain            the pretrained regime's backbones: R18 classifiers of object crops (docs/pretrained.md)
     crops               pretrain's data: object crops of a generated smallbn_shapes set
-    common              the shared helpers (summaries, device info, JSON, plots)
+
+and the pieces they share:
+
+    model_settings, model_build, model_measure, model_fold, model_report
+                        the model benchmark's settings, models and inputs, measurements, fold check, report
+    measure             measuring one step: time, memory, profile, round-robin order, the steady state
+    targets             the speed and memory targets of both benchmarks (``TARGETS``), judged one way
+    cli                 command-line pieces: --device/--threads/--out, --norm-module, HxW, report head and end
+    common              summaries, device info, JSON, plots, the studies' synthetic task
 """

@@ -1,7 +1,8 @@
 """Shared pieces of the measurement tools (``d2_smallbn.bench.model``, ``.layers`` and the
 studies): robust summaries of per-round ratios, device and contention
 information, strict JSON output, matplotlib in headless mode, and a small synthetic image
-classification task for the two studies.
+classification task for the two studies. Measuring a step is in ``measure``, the targets in
+``targets``, the command-line pieces in ``cli``.
 
 Pure PyTorch (plus matplotlib when plotting); no detectron2 import.
 """
@@ -41,12 +42,6 @@ def fmt_summary(s, digits=3):
     return f"{s['median']:.{digits}f} [{s['p25']:.{digits}f}, {s['p75']:.{digits}f}]"
 
 
-def target_verdict(s, bound):
-    """Target ``ratio <= bound`` judged on the median; conclusive when the interquartile range of
-    the per-round ratios lies on one side of the bound."""
-    return {"measured": s["median"], "bound": bound, "met": s["median"] <= bound,
-            "conclusive": s["p75"] <= bound or s["p25"] > bound}
-
 
 # ---- device and machine -------------------------------------------------------------------
 
@@ -63,11 +58,6 @@ def loadavg():
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def device_info(device):
@@ -104,15 +94,18 @@ class CpuShare:
                 "wall_s": wall, "cpu_utilisation_of_threads": cpu / max(wall * torch.get_num_threads(), 1e-9)}
 
 
-def contention_line(contention, device):
+def contention_line(contention, device, caveat=""):
+    """The report's line on CPU contention while timing ("" on other devices); ``caveat`` (e.g. "At the
+    default shapes") qualifies its reading."""
     if device["type"] != "cpu":
         return ""
     load = ""
     if contention["loadavg_1min_before"] is not None:
         load = (f"; 1-min load average {contention['loadavg_1min_before']:.2f} before, "
                 f"{contention['loadavg_1min_after']:.2f} after")
+    reading = f"{caveat}, a share" if caveat else "A share"
     return (f"Timing phase: this process used {100 * contention['cpu_utilisation_of_threads']:.0f}% of its "
-            f"{device['torch_threads']} threads' CPU time{load}. A share well below 100% or a load above the "
+            f"{device['torch_threads']} threads' CPU time{load}. {reading} well below 100% or a load above the "
             "thread count means other processes shared the cores.")
 
 
@@ -120,8 +113,11 @@ def command_line():
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
 
 
-def environment():
+def environment(detectron2=True):
+    """The versions of torch and Python, and of detectron2 (with ``detectron2``, where it is installed)."""
     env = {"torch_version": torch.__version__, "python_version": platform.python_version()}
+    if not detectron2:
+        return env
     try:
         import detectron2
 

@@ -44,16 +44,14 @@ Writes DIR/cbn_fidelity.json and DIR/cbn_fidelity.png (and prints a summary tabl
 import argparse
 import statistics
 import sys
-import time
 from collections import deque
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (SHAPE_CLASSES, command_line, device_info, environment,
-                     finite_or_raise, int_list, pyplot, set_threads, shapes_batch, write_json)
+from .cli import add_shape_task_arguments, begin, finish_study, learning_line, report_head, shape_task_defaults
+from .common import SHAPE_CLASSES, finite_or_raise, int_list, pyplot, shapes_batch
 from ..layers import CBNConv2d, CrossIterationBatchNorm2d, NormStateDriver
 
 ESTIMATORS = ("compensated", "naive", "exact_window")
@@ -311,29 +309,16 @@ def parse_args(argv=None):
     p.add_argument("--train-norms", type=parse_norms, default=["bn", "cbn"], help="bn,cbn (default both)")
     p.add_argument("--train-window", type=int, default=8, help="CBN window when training with CBN (default 8)")
     p.add_argument("--train-burnin", type=int, default=0, help="CBN burn-in when training with CBN (default 0)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--colour-cue", type=float, default=0.5, help="weight of the class colour (default 0.5)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--heldout", type=int, default=None, help="images of the TRUE statistics (default 512; 64 tiny)")
-    p.add_argument("--size", type=int, default=None, help="image side (default 32; 16 with --tiny)")
-    p.add_argument("--width", type=int, default=None, help="channels of the probed layer (default 32; 16 tiny)")
     p.add_argument("--measure-every", type=int, default=None, help="measure every n-th step (default 2; 1 tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every available core)")
-    p.add_argument("--out", type=Path, default=Path("output/study_cbn_fidelity"))
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+    add_shape_task_arguments(p, out="output/study_cbn_fidelity")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.steps = args.steps or (24 if tiny else 400)
     args.ks = args.ks or ([1, 2, 4, 8] if tiny else [1, 2, 4, 8, 16])
     args.heldout = args.heldout or (64 if tiny else 512)
-    args.size = args.size or (16 if tiny else 32)
-    args.width = args.width or (16 if tiny else 32)
     args.measure_every = args.measure_every or (1 if tiny else 2)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
+    shape_task_defaults(p, args)
     if args.steps < max(args.ks) or args.batch < 1 or args.train_window < 1 or args.size < 8 or args.width < 4:
         p.error("--steps must be >= max(--ks); --batch, --train-window >= 1; --size >= 8; --width >= 4")
     return args
@@ -341,13 +326,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args.threads)
-    device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    device, start = begin(args)
     results = {norm: train_one(norm, args, device) for norm in args.train_norms}
     report = {
-        "command": command_line(), "argv": sys.argv, "device": device_info(device), **environment(),
+        **report_head(device),
         "config": {"steps": args.steps, "ks": args.ks, "train_norms": args.train_norms,
                    "train_window": args.train_window, "train_burnin": args.train_burnin, "batch": args.batch,
                    "lr": args.lr, "colour_cue": args.colour_cue, "momentum": 0.9, "weight_decay": args.weight_decay,
@@ -367,16 +349,10 @@ def main(argv=None):
             "averaging": "mean over measured steps t >= max(ks) - 1",
         },
         "results": results,
-        "runtime_s": time.perf_counter() - start,
     }
-    write_json(args.out / "cbn_fidelity.json", report)
-    plot(report, args.out / "cbn_fidelity.png")
-    print(table(results, args.ks))
-    for norm, res in results.items():
-        print(f"{norm}: loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}, held-out accuracy "
-              f"{res['heldout_accuracy']:.2f} (chance {res['chance_accuracy']:.2f})")
-    print(f"runtime {report['runtime_s']:.1f} s; wrote {args.out / 'cbn_fidelity.json'} and "
-          f"{args.out / 'cbn_fidelity.png'}")
+    learned = [f"{norm}: " + learning_line(res["loss_first"], res["loss_last"], res["heldout_accuracy"],
+                                           res["chance_accuracy"]) for norm, res in results.items()]
+    finish_study(report, start, args.out, "cbn_fidelity", plot, [table(results, args.ks), *learned])
     return 0
 
 

@@ -34,16 +34,14 @@ Writes DIR/mabn_premise.json and DIR/mabn_premise.png (and prints a summary tabl
 import argparse
 import statistics
 import sys
-import time
 from collections import deque
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (SHAPE_CLASSES, command_line, device_info, environment,
-                     finite_or_raise, int_list, pyplot, set_threads, shapes_batch, write_json)
+from .cli import add_shape_task_arguments, begin, finish_study, learning_line, report_head, shape_task_defaults
+from .common import SHAPE_CLASSES, finite_or_raise, int_list, pyplot, shapes_batch
 
 STATS = ("g", "psi", "mu", "var")
 STAT_LABELS = {"g": "g_B = mean dL/dx_hat", "psi": "Psi_B = mean x_hat dL/dx_hat", "mu": "mu_B (forward)",
@@ -250,27 +248,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="SGD steps at batch 2 (default 600; 40 with --tiny)")
     p.add_argument("--ms", type=int_list("--ms", 2, "4,16"), default=None, help="SMA lengths m (default 4,16; 2,4 with --tiny)")
     p.add_argument("--var-window", type=int, default=None, help="iterations per variance window (default 50; 8 tiny)")
-    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--large-batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--colour-cue", type=float, default=0.5, help="weight of the class colour (default 0.5)")
-    p.add_argument("--size", type=int, default=None, help="image side (default 32; 16 with --tiny)")
-    p.add_argument("--width", type=int, default=None, help="channels of the probed layer (default 32; 16 tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every available core)")
-    p.add_argument("--out", type=Path, default=Path("output/study_mabn_premise"))
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+    add_shape_task_arguments(p, out="output/study_mabn_premise")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.steps = args.steps or (40 if tiny else 600)
     args.ms = args.ms or ([2, 4] if tiny else [4, 16])
     args.var_window = args.var_window or (8 if tiny else 50)
-    args.size = args.size or (16 if tiny else 32)
-    args.width = args.width or (16 if tiny else 32)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
+    shape_task_defaults(p, args)
     if args.var_window < 2 or args.batch < 1 or args.large_batch < 2 or args.size < 8 or args.width < 4:
         p.error("--var-window >= 2, --batch >= 1, --large-batch >= 2, --size >= 8, --width >= 4")
     if args.steps < max(args.ms) - 1 + args.var_window:
@@ -280,15 +265,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args.threads)
-    device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    device, start = begin(args)
     series, losses, acc = run(args, device)
     results, curves = analyse(series, args)
     n = max(1, len(losses) // 10)
     report = {
-        "command": command_line(), "argv": sys.argv, "device": device_info(device), **environment(),
+        **report_head(device),
         "config": {"steps": args.steps, "ms": args.ms, "var_window": args.var_window, "batch": args.batch,
                    "large_batch": args.large_batch, "lr": args.lr, "momentum": 0.9,
                    "weight_decay": args.weight_decay, "colour_cue": args.colour_cue, "size": args.size,
@@ -306,15 +288,9 @@ def main(argv=None):
         "curves": curves,
         "loss_first": statistics.fmean(losses[:n]), "loss_last": statistics.fmean(losses[-n:]),
         "heldout_accuracy": acc,
-        "runtime_s": time.perf_counter() - start,
     }
-    write_json(args.out / "mabn_premise.json", report)
-    plot(report, args.out / "mabn_premise.png")
-    print(table(results, args.ms))
-    print(f"loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}, held-out accuracy {acc:.2f} "
-          f"(chance {1 / len(SHAPE_CLASSES):.2f})")
-    print(f"runtime {report['runtime_s']:.1f} s; wrote {args.out / 'mabn_premise.json'} and "
-          f"{args.out / 'mabn_premise.png'}")
+    learned = learning_line(report["loss_first"], report["loss_last"], acc, 1 / len(SHAPE_CLASSES))
+    finish_study(report, start, args.out, "mabn_premise", plot, [table(results, args.ms), learned])
     return 0
 
 

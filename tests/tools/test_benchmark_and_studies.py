@@ -48,11 +48,11 @@ def _check_png(path, min_width=600, min_height=300):
         assert img.size[0] >= min_width and img.size[1] >= min_height, img.size
 
 
-def _benchmark_module():
-    """The model benchmark's module (its functions, without running it)."""
-    from d2_smallbn.bench import model
+def _benchmark_module(part):
+    """A module of the model benchmark (its functions, without running it): ``settings`` or ``build``."""
+    import importlib
 
-    return model
+    return importlib.import_module(f"d2_smallbn.bench.model_{part}")
 
 
 def _check_summary(s):
@@ -74,7 +74,9 @@ def test_benchmark_tiny(tmp_path):
     expected = ("frozen_none", "frozen_bn", "frozen_cbn", "bn", "gn_ws", "cbn", "mabn", "bcn_ws")
     assert cfg["settings"] == list(expected)
     assert set(cfg["added_references"]) == {"frozen_none", "frozen_bn", "bn", "gn_ws"}
-    assert cfg["primed_steps"]["mabn"] >= cfg["mabn_buffer_size"] and cfg["primed_steps"]["cbn"] >= 1
+    assert cfg["primed_steps"]["mabn"] >= cfg["norm_settings"]["MABN"]["BUFFER_SIZE"]
+    assert cfg["primed_steps"]["cbn"] >= 1
+    assert cfg["norm_settings"]["MABN"]["WARMUP_ITERS"] == cfg["norm_settings"]["CBN"]["BURNIN_ITERS"] == 0
 
     res = report["results"]
     for section in ("train", "infer", "infer_folded"):
@@ -134,13 +136,19 @@ def test_benchmark_tiny(tmp_path):
 
 
 def test_benchmark_adds_references_transitively():
-    bench = _benchmark_module()
+    bench = _benchmark_module("settings")
     # bcn_ws is compared with bn, gn_ws and frozen_none; frozen_none in turn with frozen_bn
     assert bench.with_references(["bcn_ws"]) == ["frozen_none", "frozen_bn", "bn", "gn_ws", "bcn_ws"]
     assert bench.with_references(["frozen_bn"]) == ["frozen_none", "frozen_bn"]
     for key in ALL_SETTINGS:
         keys = bench.with_references([key])
         assert all(ref in keys for k in keys for ref in bench.references(k)), key
+    # a norm of the table without a row of its own is that norm everywhere, compared with BN everywhere
+    assert bench.with_references(["brn"]) == ["frozen_none", "frozen_bn", "bn", "brn"]
+    assert bench.setting("brn").label == "BRN everywhere" and bench.setting("brn").conv == "auto"
+    assert [bench.setting_key(t) for t in ("BRN", "bcn", "CBN", "frozen_cbn", "batchnorm")] == [
+        "brn", "bcn_ws", "cbn", "frozen_cbn", None]
+    assert bench.norms_of(["frozen_cbn", "bcn_ws", "gn"]) == ["CBN", "BCN"]
 
 
 def test_benchmark_rejects_profiling_an_unmeasured_setting(tmp_path):
@@ -149,6 +157,24 @@ def test_benchmark_rejects_profiling_an_unmeasured_setting(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--profile gn: not measured in this run" in proc.stderr, proc.stderr
     assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_benchmarks_name_what_is_wrong_with_a_setting_or_a_norm_module(capsys):
+    from d2_smallbn.bench import layers, model
+
+    for parse, args, message in (
+            (model.parse_args, ["--settings", "cbn,batchnorm"], "--settings: unknown settings ['batchnorm']; choose "
+                                                                "from frozen_none"),
+            (model.parse_args, ["--settings", "cbn", "--profile", "toybn"], "--profile: unknown settings ['toybn']"),
+            (model.parse_args, ["--norm-module", "no_such_module"], "cannot import the norm module 'no_such_module'"),
+            (layers.parse_args, ["--norms", "BRN,MYBN"], "--norms: no norm 'MYBN' in the table of norms"),
+            (layers.parse_args, ["--shapes", "8x0"], "shape '8x0' is too small (at least 1x1)")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, (args, message)
+    assert model.parse_args(["--settings", "BRN", "--device", "cpu"]).settings == ["brn"]
+    assert layers.parse_args(["--norms", "brn,CBN", "--device", "cpu"]).norms == {
+        "cbn": "CBN", "mabn": "MABN", "bcn_ws": "BCN", "brn": "BRN"}
 
 
 def test_study_cbn_fidelity_tiny(tmp_path):
@@ -279,7 +305,7 @@ def test_fixed_proposals_cover_ground_truth_and_background():
     import torch
     from detectron2.structures import Boxes, pairwise_iou
 
-    bench = _benchmark_module()
+    bench = _benchmark_module("build")
     inputs, _ = bench.make_inputs(64, 96, 5, torch.device("cpu"), seed=0)
     copies = 4
     proposals = bench.fixed_proposals(inputs, count=100, seed=0, copies_per_box=copies)
