@@ -2,7 +2,7 @@
 through every path the built-in norms do: the YAML key and MODEL.SMALLBN.<NAME> with its checks, a
 LazyConfig ``norm=`` string, build and training with the hook (and the optimizer's norm rule),
 checkpoint and resume, weight conversion (``d2_smallbn.weights``) from a torchvision BN checkpoint,
-and folding. A second toy norm, whose statistics are not a BatchNorm's, converts from a BN
+folding, and the layer and model benchmarks by its name. A second toy norm, whose statistics are not a BatchNorm's, converts from a BN
 checkpoint as its layer maps it and from checkpoints of its own layout. The toy norms live only in
 this file."""
 import pytest
@@ -207,6 +207,68 @@ def test_trains_with_the_hook_then_resumes_and_folds(toy, tiny_dataset, tmp_path
             torch.testing.assert_close(folded(x)[level], out, rtol=1e-4, atol=1e-4)
 
 
+def run_as_user(tmp_path, module, *args, norm_modules=""):
+    """``python -m module args`` in a process of its own (one thread), as a user runs a command: a module of
+    the user's that registers the toy norm, ``toy_norm_module``, is importable (its folder on PYTHONPATH),
+    and D2_SMALLBN_NORM_MODULES is ``norm_modules``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "toy_norm_module.py").write_text("import d2_smallbn\nfrom test_register_norm import TOY\n\n"
+                                                 "d2_smallbn.register_norm(TOY)\n")
+    here = Path(__file__).resolve().parent
+    path = [str(tmp_path), str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "D2_SMALLBN_NORM_MODULES": norm_modules,
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=here.parents[1], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_benchmarks_measure_it_by_its_name(tmp_path):
+    """The layer and the model benchmark, commands in processes of their own, measure the toy norm by its
+    name once a module of the user's that registers it is named (D2_SMALLBN_NORM_MODULES, --norm-module);
+    without that module the name is refused, naming the remedy."""
+    import json
+
+    refused = run_as_user(tmp_path, "d2_smallbn.bench.layers", "--norms", "TOYBN", "--out", str(tmp_path))
+    assert refused.returncode == 2 and "no norm 'TOYBN'" in refused.stderr and "--norm-module" in refused.stderr
+
+    out = tmp_path / "layers"
+    proc = run_as_user(tmp_path, "d2_smallbn.bench.layers", "--norms", "toybn", "--channels", "16", "--groups", "4",
+                       "--shapes", "8x8", "--iters", "1", "--warmup", "0", "--device", "cpu", "--out", str(out),
+                       norm_modules="toy_norm_module")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "benchmark_layers.json").read_text())
+    assert report["train_settings"][-1] == "toybn" and {"toybn", "toybn_folded"} <= set(report["eval_settings"])
+    assert report["settings"]["toybn"] == "TOYBN (plain conv)"
+    assert report["config"]["norm_settings"]["TOYBN"]["WARMUP_ITERS"] == 0  # its phase at its shortest
+    check = report["fold_check"]["toybn"]
+    assert check["max_abs_err"] <= 1e-4 * max(check["max_abs_ref"], 1.0)
+    res = report["results"]["8x8"]
+    assert res["train"]["toybn"]["ratio_vs_bn"]["median"] > 0 and res["memory"]["toybn"]["ratio_vs_bn"] > 0
+    assert res["eval"]["toybn_folded"]["ratio_vs_toybn"]["median"] > 0
+    assert "| TOYBN (plain conv) |" in proc.stdout and "| TOYBN folded (eval only) |" in proc.stdout
+
+    out = tmp_path / "model"
+    proc = run_as_user(tmp_path, "d2_smallbn.bench.model", "--norm-module", "toy_norm_module", "--tiny",
+                       "--settings", "TOYBN", "--iters", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
+                       "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["config"]["settings"] == ["frozen_none", "frozen_bn", "bn", "toybn"]
+    assert report["settings_description"]["toybn"] == {"backbone": "TOYBN", "fpn_and_heads": "TOYBN", "conv": "auto",
+                                                        "reference": "bn", "label": "TOYBN everywhere"}
+    defaults = {key: setting.default for key, setting in TOY.settings.items()}
+    assert report["config"]["norm_settings"] == {"TOYBN": {**defaults, "WARMUP_ITERS": 0}}
+    assert report["fold_check"]["toybn"]["detections_matched_fraction"] >= 0.9
+    res = report["results"]
+    assert res["train"]["toybn"]["ratio_vs_bn"]["median"] > 0 and res["memory"]["toybn"]["ratio_vs_bn"] > 0
+    assert res["infer_folded"]["toybn"]["ratio_vs_frozen_none_folded"]["median"] > 0
+    assert "| toybn: TOYBN everywhere | bn |" in proc.stdout
+
+
 def test_convert_weights_maps_a_torchvision_bn_checkpoint_onto_it(toy, tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.layers import ShapeSpec
@@ -235,10 +297,6 @@ def test_the_conversion_command_converts_for_it_once_a_module_of_yours_registers
     """d2-smallbn-convert-weights, in a process of its own, knows the toy norm by name once a module of the
     user's that registers it is named with --norm-module; without it, --target-norm toybn is refused."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from d2_smallbn.weights.cli import main as convert_main
 
@@ -250,13 +308,7 @@ def test_the_conversion_command_converts_for_it_once_a_module_of_yours_registers
         convert_main(arguments)
     assert refused.value.code == 2 and "invalid choice: 'toybn'" in capsys.readouterr().err and not out.exists()
 
-    (tmp_path / "toy_norm_module.py").write_text("import d2_smallbn\nfrom test_register_norm import TOY\n\n"
-                                                 "d2_smallbn.register_norm(TOY)\n")
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(here), str(here.parent)]),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "d2_smallbn.weights", *arguments, "--norm-module", "toy_norm_module"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = run_as_user(tmp_path, "d2_smallbn.weights", *arguments, "--norm-module", "toy_norm_module")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "r18_toy.report.json").read_text())
     assert report["targets_used"] == {"toybn": 20} and report["unmapped"] == []
