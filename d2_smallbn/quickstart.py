@@ -21,7 +21,11 @@ import time
 
 import numpy as np
 
+from .bench.cli import add_norm_modules, import_requested_norms
+
 NORM_CONFIGS = {n: f"quickstart/mask_rcnn_R18_FPN_{n}.yaml" for n in ("cbn", "mabn", "bcn_ws", "brn", "gn", "bn", "syncbn")}
+BASE_CONFIG = "quickstart/Base-Quickstart.yaml"  # what a norm of the table without a config of its own trains with
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TOP_PREDICTIONS = 5  # drawn per image, with their scores: a short run is not yet confident
 STATS_ERROR_PERIOD = 20  # detectron2's writer period
@@ -30,7 +34,10 @@ logger = logging.getLogger("d2_smallbn.quickstart")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--norm", default="cbn", choices=sorted(NORM_CONFIGS), help="quickstart config (default: cbn)")
+    p.add_argument("--norm", default="cbn",
+                   help=f"quickstart config: {', '.join(sorted(NORM_CONFIGS))} (default: cbn); or any norm of the "
+                        "table by its name (e.g. one registered by a --norm-module), in backbone, FPN and both heads "
+                        f"of {BASE_CONFIG}")
     p.add_argument("--config-file", default=None,
                    help="train this YAML config instead of --norm's (a path, or a name under the package's configs/); "
                         "it must train on the built-in dataset as the quickstart configs do")
@@ -50,14 +57,30 @@ def parse_args(argv=None):
                         "on its own images, as one GPU would; SOLVER.IMS_PER_BATCH is split over them (default: 1)")
     p.add_argument("--dist-url", default="auto", help="detectron2's launch URL with --num-gpus > 1 (default: a free "
                                                         "local port)")
+    add_norm_modules(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    import_requested_norms(p, args)
+    if args.config_file is None and args.norm not in NORM_CONFIGS and table_norm(args.norm) is None:
+        from .norms import NORMS
+
+        p.error(f"--norm {args.norm!r} is neither a quickstart config ({', '.join(sorted(NORM_CONFIGS))}) nor a norm "
+                f"of the table ({', '.join(NORMS)}). Fix: choose one of those; for a norm of your own, name the module "
+                "that registers it with --norm-module MODULE")
+    return args
+
+
+def table_norm(name):
+    """The table's name of norm ``name`` (any case), or None."""
+    from .norms import NORMS
+
+    return next((n for n in NORMS if n.lower() == name.lower()), None)
 
 
 def build_cfg(args, data_root):
     from .engine.defaults import build_config
 
-    cfg = build_config(config_file(args), args.opts)
+    cfg = build_config(config_file(args), norm_overrides(args) + list(args.opts))
     if args.iters is not None:
         if args.iters < 1:
             raise ValueError(f"--iters must be >= 1, got {args.iters}")
@@ -89,7 +112,14 @@ def scale_norm_phases(cfg, factor):
 
 
 def config_file(args):
-    return args.config_file or NORM_CONFIGS[args.norm]
+    return args.config_file or NORM_CONFIGS.get(args.norm, BASE_CONFIG)
+
+
+def norm_overrides(args):
+    """KEY VALUE pairs that put a --norm without a quickstart config of its own in every normed place."""
+    if args.config_file or args.norm in NORM_CONFIGS:
+        return []
+    return [x for key in NORM_KEYS for x in (key, table_norm(args.norm))]
 
 
 def run_name(args):
@@ -234,6 +264,9 @@ def run_job(args, root, start):
     from .engine.hooks import unwrap
     from .engine.statistics_error import StatisticsErrorHook
 
+    from .norms import import_norm_modules
+
+    import_norm_modules()  # a launched process: the modules its parent was given (D2_SMALLBN_NORM_MODULES)
     out = output_dir(args)
     os.makedirs(out, exist_ok=True)
     rank = comm.get_rank()

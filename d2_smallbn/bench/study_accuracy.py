@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import add_norm_modules, import_requested_norms
 from .common import available_cores, command_line, device_info, int_list, pyplot, write_json
 from ..quickstart import training_entries
 
@@ -70,7 +71,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", default=None,
                    help=f"comma-separated subset of {','.join(SETTINGS)} (--gpus 1) or of "
-                        f"{','.join(PER_GPU_SETTINGS)} (--gpus > 1); default: all")
+                        f"{','.join(PER_GPU_SETTINGS)} (--gpus > 1), default: all; besides, any norm of the table "
+                        "by its name (lower case; e.g. one registered by a --norm-module): the quickstart model with "
+                        "it in backbone, FPN and both heads")
     p.add_argument("--gpus", type=int, default=1,
                    help="processes per run, each a GPU of the papers' setting (default 1: the 2-image regime)")
     p.add_argument("--images-per-gpu", type=int, default=1, help="images per process with --gpus > 1 (default 1)")
@@ -88,15 +91,18 @@ def parse_args(argv=None):
     p.add_argument("--hue-spread", type=int, default=None, help="generated dataset's hue spread (default: dataset default)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report the requested runs that have finished, list the others")
+    add_norm_modules(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE pairs")
     args = p.parse_args(argv)
+    import_requested_norms(p, args)  # and the quickstart runs it starts (D2_SMALLBN_NORM_MODULES)
     if args.gpus < 1 or args.images_per_gpu < 1:
         p.error(f"--gpus and --images-per-gpu must be >= 1, got {args.gpus} and {args.images_per_gpu}")
     valid = PER_GPU_SETTINGS if args.gpus > 1 else SETTINGS
     args.settings = [s.strip() for s in (args.settings or ",".join(valid)).split(",") if s.strip()]
-    unknown = sorted(set(args.settings) - set(valid))
+    unknown = sorted(set(args.settings) - set(valid) - set(table_settings()))
     if unknown or not args.settings:
-        p.error(f"unknown --settings {unknown or args.settings} for --gpus {args.gpus}; choose from {','.join(valid)}")
+        p.error(f"unknown --settings {unknown or args.settings} for --gpus {args.gpus}; choose from {','.join(valid)} "
+                f"or a norm of the table ({','.join(table_settings())}; your own: --norm-module MODULE)")
     if args.jobs < 1 or (args.threads is not None and args.threads < 1):
         p.error("--jobs and --threads must be >= 1")
     limit = PROCESSES_PER_CORE * available_cores()
@@ -115,6 +121,21 @@ def parse_args(argv=None):
         p.error(f"config overrides come in KEY VALUE pairs, got {args.opts}")
     args.threads = args.threads or max(1, available_cores() // (args.jobs * args.gpus))
     return args
+
+
+def table_settings():
+    """Every norm of the table as a setting: its name in lower case, trained by the quickstart's ``--norm``."""
+    from ..norms import NORMS
+
+    return [name.lower() for name in NORMS]
+
+
+def setting_norm(setting, gpus):
+    """(quickstart ``--norm``, images per iteration, extra overrides) of a setting; a norm of the table
+    named by itself trains at the regime's batch with no overrides."""
+    if gpus > 1:
+        return PER_GPU_SETTINGS.get(setting, setting), None, ()
+    return SETTINGS.get(setting, (setting, 2, ()))
 
 
 def per_gpu_schedule(gpus, images_per_gpu, iters):
@@ -164,14 +185,14 @@ def run_commands(args):
         for seed in args.seeds:  # every setting's first seed first: a partial study covers every setting
             for setting in args.settings:
                 folder = (args.out / "runs" / f"{setting}_seed{seed}").absolute()
-                runs[(setting, seed)] = (folder, [sys.executable, *QUICKSTART, "--norm", PER_GPU_SETTINGS[setting],
+                runs[(setting, seed)] = (folder, [sys.executable, *QUICKSTART, "--norm", setting_norm(setting, args.gpus)[0],
                                                   "--output-dir", str(folder), *common, *schedule, *args.opts,
                                                   "SEED", str(seed)])
         return runs
     if args.iters is not None:
         common += ["--iters", str(args.iters)]
-    for setting in sorted(args.settings, key=lambda s: -SETTINGS[s][1]):
-        norm, _, overrides = SETTINGS[setting]
+    for setting in sorted(args.settings, key=lambda s: -setting_norm(s, 1)[1]):
+        norm, _, overrides = setting_norm(setting, 1)
         seeds = args.reference_seeds if setting == REFERENCE and args.reference_seeds else args.seeds
         for seed in seeds:
             folder = (args.out / "runs" / f"{setting}_seed{seed}").absolute()

@@ -377,3 +377,31 @@ def test_convert_weights_reads_checkpoints_of_a_norms_own_layout(power, tmp_path
 
     unmapped = convert_state_dict(state, target_norm="bn")["unmapped"]
     assert len(unmapped) == 20 * 4 and all("cannot become BN" in u["reason"] for u in unmapped)
+
+
+def test_the_accuracy_study_trains_it_by_its_name_on_processes(tmp_path):
+    """The per-GPU accuracy study runs the toy norm by its name: the study and each quickstart run it starts
+    (2 processes x 1 image) import the user's module; the run trains the quickstart model with the toy norm
+    in backbone, FPN and both heads and records its statistics error. Without the module the name is
+    refused, naming the remedy."""
+    import json
+
+    import yaml
+
+    out = tmp_path / "study"
+    args = ["--gpus", "2", "--iters", "2", "--num-train", "4", "--num-val", "2", "--data-root", str(tmp_path / "data"),
+            "--out", str(out), "--seeds", "0", "--settings", "toybn", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+    refused = run_as_user(tmp_path, "d2_smallbn.bench.study_accuracy", *args)
+    assert refused.returncode == 2 and "unknown --settings ['toybn']" in refused.stderr
+    assert "--norm-module" in refused.stderr
+
+    proc = run_as_user(tmp_path, "d2_smallbn.bench.study_accuracy", "--norm-module", "toy_norm_module", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = yaml.safe_load((out / "runs" / "toybn_seed0" / "config.yaml").read_text())["MODEL"]
+    assert {model[key]["NORM"] for key in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")} == {"TOYBN"}
+    assert model["SMALLBN"]["TOYBN"]["BLEND"] == TOY.settings["BLEND"].default
+    entry = json.loads((out / "study_accuracy.json").read_text())["settings"]["toybn"]
+    assert entry["processes"] == 2 and entry["iterations"] == 2
+    error = entry["seeds"]["0"]["statistics_error"]  # each process normalizes with its own image: not the batch's
+    assert error["records"] == 1 and error["var"] > 1e-3
