@@ -1,6 +1,6 @@
 """The pretrained regime at 4 processes x 1 image (docs/study.md section "pretrained"): the papers'
 main COCO setting at CPU scale. A backbone pretrained at a large batch by ``d2_smallbn.bench.pretrain``
-enters through ``d2-smallbn-convert``, exactly as a user's ImageNet checkpoint would, and the
+enters through ``d2-smallbn-convert-weights``, exactly as a user's ImageNet checkpoint would, and the
 quickstart's Mask R-CNN R18-FPN is fine-tuned on the built-in dataset with G processes x n images
 (detectron2's ``launch``, gloo on CPU), each process normalizing with its own images' statistics.
 
@@ -175,14 +175,14 @@ def pretrained(pretrain_dir, variant):
 
 
 def converted(pretrain_dir, weights):
-    """``weights`` as a .pkl made by d2-smallbn-convert (as a user would), converted once per checkpoint."""
+    """``weights`` as a .pkl made by d2-smallbn-convert-weights (as a user would), converted once per checkpoint."""
     source = pretrained(pretrain_dir, weights.variant)
     target = source.parent / f"R18-{weights.target}.pkl"
     if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
         return target.absolute()
     if target.exists():  # made from an earlier checkpoint of this folder's pretraining, which is gone
         target.unlink()
-    cmd = [sys.executable, "-m", "d2_smallbn.convert", str(source), str(target), "--target-norm", weights.target,
+    cmd = [sys.executable, "-m", "d2_smallbn.weights", str(source), str(target), "--target-norm", weights.target,
            "--conv", weights.conv, "--strict"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
