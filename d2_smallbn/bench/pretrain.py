@@ -12,7 +12,7 @@ detection set is seed 0) and its own root (``--data-root``, default
 ``$D2_SMALLBN_DATASETS/smallbn_shapes_pretrain``). Image i of a split is drawn from the random stream
 (seed, split, i), so no image of it is one of the detection set's. See ``d2_smallbn.bench.crops``.
 Input as torchvision's ImageNet models take it: RGB, (x / 255 - mean) / std with ImageNet's mean and
-std, which is what ``d2-smallbn-convert`` tells the fine-tuning config to use.
+std, which is what ``d2-smallbn-convert-weights`` tells the fine-tuning config to use.
 
 Variants (``--variants``, default all), one per backbone of the papers' fine-tuning rows:
 
@@ -26,7 +26,7 @@ Variants (``--variants``, default all), one per backbone of the papers' fine-tun
 The convs are d2_smallbn's own (``WSConv2d``, ``CenteredConv2d``, chosen by MODEL.SMALLBN.CONV's names),
 the norms torch's, in torchvision's ResNet-18 (``torchvision.models.resnet18``), so the checkpoint
 has exactly the names of a user's ImageNet checkpoint (conv1.weight, bn1.*, layer1.0.conv1.weight,
-..., fc.*). It enters fine-tuning through ``d2-smallbn-convert``, as a user's would; the commands
+..., fc.*). It enters fine-tuning through ``d2-smallbn-convert-weights``, as a user's would; the commands
 for each fine-tuning norm are printed and written into the JSON.
 
 Optimizer: SGD, momentum 0.9, weight decay 1e-4, learning rate warmed up linearly over
@@ -75,7 +75,7 @@ from .common import command_line, device_info, environment, finite_or_raise, set
 from .crops import centre_windows, object_crops, training_windows
 
 # torchvision's ImageNet normalization in 0-255 units: the MODEL.PIXEL_MEAN / PIXEL_STD (with
-# INPUT.FORMAT RGB) that d2-smallbn-convert names for a torchvision checkpoint.
+# INPUT.FORMAT RGB) that d2-smallbn-convert-weights names for a torchvision checkpoint.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 MIN_BATCH = 16           # the large-batch statistics the stage exists for
@@ -89,7 +89,7 @@ STATE_FILE, FINAL_FILE, REPORT_FILE = "pretrain_state.pth", "model_final_torchvi
 class BatchThenGroupNorm(nn.Module):
     """BCN at a large batch, as the BCN+WS authors' checkpoints store it: ``bn`` (batch statistics in
     training, running statistics in eval), then group normalization with one scale and shift per
-    group (``gn.weight`` / ``gn.bias``, length G). ``d2-smallbn-convert`` maps it onto BCN."""
+    group (``gn.weight`` / ``gn.bias``, length G). ``d2-smallbn-convert-weights`` maps it onto BCN."""
 
     def __init__(self, channels, groups=32):
         super().__init__()
@@ -274,10 +274,10 @@ def changed_settings(saved, settings):
 
 
 def conversions(variant, folder):
-    """The d2-smallbn-convert commands that turn the final checkpoint into fine-tuning weights."""
+    """The d2-smallbn-convert-weights commands that turn the final checkpoint into fine-tuning weights."""
     spec, final = VARIANTS[variant], folder / FINAL_FILE
     return [{"target_norm": target, "for": use, "output": str(folder / f"R18-{target}.pkl"),
-             "command": f"d2-smallbn-convert {final} {folder / f'R18-{target}.pkl'} --target-norm {target} "
+             "command": f"d2-smallbn-convert-weights {final} {folder / f'R18-{target}.pkl'} --target-norm {target} "
                         f"--conv {spec.conv}"}
             for target, use in spec.conversions]
 

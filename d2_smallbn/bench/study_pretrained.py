@@ -47,8 +47,8 @@ from ..paper_results import paper_result
 
 class Weights(NamedTuple):
     variant: str  # d2_smallbn.bench.pretrain's
-    target: str  # d2-smallbn-convert --target-norm
-    conv: str  # d2-smallbn-convert --conv
+    target: str  # d2-smallbn-convert-weights --target-norm
+    conv: str  # d2-smallbn-convert-weights --conv
 
 
 class Row(NamedTuple):

@@ -96,7 +96,7 @@ def test_report_states_accuracy_settings_and_conversions(pretrained):
         assert "d2_smallbn.bench.pretrain" in report["command"] and report["device"]["type"] == "cpu"
         assert {c["target_norm"] for c in report["convert"]} == {t for t, _ in pretrain.VARIANTS[variant].conversions}
         for c in report["convert"]:
-            assert c["command"].startswith("d2-smallbn-convert ") and f"--conv {pretrain.VARIANTS[variant].conv}" \
+            assert c["command"].startswith("d2-smallbn-convert-weights ") and f"--conv {pretrain.VARIANTS[variant].conv}" \
                 in c["command"]
     # the input normalization is the one weight conversion tells the fine-tuning config to use
     hints = config_hints({}, {"bn": 1}, 32)
@@ -263,9 +263,9 @@ def test_converted_checkpoint_loads_and_frozen_stages_stay_bit_identical(case, p
 
 
 def test_the_installed_command_converts_for_the_frozenbn_setting(pretrained, tmp_path):
-    """The command pretrain prints (the alias d2-smallbn-convert) and d2-smallbn-convert-weights write the same."""
+    """The command pretrain prints (d2-smallbn-convert-weights) and its alias d2-smallbn-convert write the same."""
     command = pretrained["bn"]["convert"][0]["command"].split()
-    assert command[0] == "d2-smallbn-convert"
+    assert command[0] == "d2-smallbn-convert-weights"
     written = {}
     for name in ("d2-smallbn-convert", "d2-smallbn-convert-weights"):
         out = tmp_path / name / "R18-frozenbn.pkl"
