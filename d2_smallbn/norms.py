@@ -451,6 +451,23 @@ def import_norm_modules(modules=()):
     return names
 
 
+def add_norm_module_flag(parser, purpose):
+    """A command's ``--norm-module MODULE`` (repeatable): modules of the user's that register norms,
+    imported by ``import_norm_modules`` before the command uses norm names; ``purpose`` ends the help."""
+    parser.add_argument("--norm-module", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable): a module of yours that registers norms with "
+                             f"d2_smallbn.register_norm, {purpose}; {NORM_MODULES_ENV}=MODULE[,MODULE] does the "
+                             "same, also for the processes the command starts")
+
+
+def import_requested_norm_modules(parser, modules):
+    """``import_norm_modules(modules)``; a module that cannot be imported is ``parser``'s usage error."""
+    try:
+        import_norm_modules(modules)
+    except ImportError as e:
+        parser.error(str(e))
+
+
 def spec_of_type(layer_class):
     """The table entry whose layer class is ``layer_class`` (or None)."""
     return next((spec for spec in NORMS.values() if spec.layer is layer_class), None)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .bench.cli import add_norm_modules, import_requested_norms
+from .norms import add_norm_module_flag, import_requested_norm_modules
 
 NORM_CONFIGS = {n: f"quickstart/mask_rcnn_R18_FPN_{n}.yaml" for n in ("cbn", "mabn", "bcn_ws", "brn", "gn", "bn", "syncbn")}
 BASE_CONFIG = "quickstart/Base-Quickstart.yaml"  # what a norm of the table without a config of its own trains with
@@ -57,10 +57,10 @@ def parse_args(argv=None):
                         "on its own images, as one GPU would; SOLVER.IMS_PER_BATCH is split over them (default: 1)")
     p.add_argument("--dist-url", default="auto", help="detectron2's launch URL with --num-gpus > 1 (default: a free "
                                                         "local port)")
-    add_norm_modules(p)
+    add_norm_module_flag(p, "so that --norm takes them")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = p.parse_args(argv)
-    import_requested_norms(p, args)
+    import_requested_norm_modules(p, args.norm_module)
     if args.config_file is None and args.norm not in NORM_CONFIGS and table_norm(args.norm) is None:
         from .norms import NORMS
 

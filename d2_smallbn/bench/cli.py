@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .common import command_line, device_info, environment, set_threads, write_json
-from ..norms import NORM_MODULES_ENV, import_norm_modules
+from ..norms import add_norm_module_flag, import_requested_norm_modules
 
 
 def add_run_arguments(parser, out, device=None, threads=True):
@@ -30,19 +30,12 @@ def check_device(parser, args):
 
 
 def add_norm_modules(parser):
-    parser.add_argument("--norm-module", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (repeatable): a module of yours that registers norms with "
-                             "d2_smallbn.register_norm, so that they can be measured by name; "
-                             f"{NORM_MODULES_ENV}=MODULE[,MODULE] does the same, also for the processes a tool "
-                             "starts")
+    add_norm_module_flag(parser, "so that they can be measured or trained by name")
 
 
 def import_requested_norms(parser, args):
     """Imports the modules of ``--norm-module`` and of D2_SMALLBN_NORM_MODULES; a failure is a usage error."""
-    try:
-        import_norm_modules(args.norm_module)
-    except ImportError as e:
-        parser.error(str(e))
+    import_requested_norm_modules(parser, args.norm_module)
 
 
 def comma_list(text):

@@ -5,7 +5,7 @@ import json
 import sys
 from collections import Counter
 
-from ..norms import NORM_MODULES_ENV, import_norm_modules
+from ..norms import add_norm_module_flag, import_requested_norm_modules
 from .hints import WEIGHT_TRANSFORMS
 from .layouts import targets
 from .reading import ConvertError
@@ -51,13 +51,6 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def _add_norm_modules(p):
-    p.add_argument("--norm-module", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (repeatable): a module of yours that registers norms with "
-                        f"d2_smallbn.register_norm, so that --target-norm takes them; {NORM_MODULES_ENV}="
-                        "MODULE[,MODULE] does the same")
-
-
 def parser():
     """The command's arguments; --target-norm offers the norms registered when it is called."""
     p = argparse.ArgumentParser(
@@ -83,7 +76,7 @@ def parser():
     p.add_argument("--strict", action="store_true", help="exit with 1 if any key could not be mapped")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints with arbitrary pickled objects (unpickling can run code)")
-    _add_norm_modules(p)
+    add_norm_module_flag(p, "so that --target-norm takes them")
     return p
 
 
@@ -91,11 +84,8 @@ def import_requested_norms(argv):
     """Imports the modules of --norm-module in ``argv`` and of D2_SMALLBN_NORM_MODULES, before the
     parser lists --target-norm's choices; a module that cannot be imported is a usage error."""
     modules = argparse.ArgumentParser(add_help=False)
-    _add_norm_modules(modules)
-    try:
-        import_norm_modules(modules.parse_known_args(argv)[0].norm_module)
-    except ImportError as e:
-        parser().error(str(e))
+    add_norm_module_flag(modules, "")
+    import_requested_norm_modules(parser(), modules.parse_known_args(argv)[0].norm_module)
 
 
 def main(argv=None):
