@@ -37,6 +37,7 @@ Adding a norm = one layer file + one entry in ``NORMS``; from a user's own code,
 by importing the user's module (``import_norm_modules``: ``--norm-module``, ``D2_SMALLBN_NORM_MODULES``).
 Everything above reads the live table. This module imports no detectron2.
 """
+import functools
 import math
 from typing import Callable, Dict, NamedTuple, Optional
 
@@ -44,6 +45,7 @@ from torch import nn
 
 from .layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
                      MovingAverageBatchNorm2d, WSConv2d)
+from .layers._common import int_problem, number_problem
 from .layers.brn import BatchRenorm2d
 
 
@@ -56,22 +58,11 @@ class Setting(NamedTuple):
 
 
 def integer(minimum):
-    def check(v):
-        ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-        return None if ok else f"an integer >= {minimum}"
-    return check
+    return functools.partial(int_problem, minimum=minimum)
 
 
 def number(low, high=math.inf, low_open=False, high_open=False):
-    def check(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        if ok:
-            return None
-        if high == math.inf:
-            return f"a number {'>' if low_open else '>='} {low}"
-        return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    return check
+    return functools.partial(number_problem, low=low, high=high, low_open=low_open, high_open=high_open)
 
 
 def choice(*options, doc=None):

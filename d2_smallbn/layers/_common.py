@@ -11,19 +11,33 @@ from torch import nn
 logger = logging.getLogger("d2_smallbn.layers")
 
 
+def int_problem(value, minimum):
+    """None if ``value`` is an integer >= ``minimum`` (not a bool), else what a valid value is."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    return None if ok else f"an integer >= {minimum}"
+
+
+def number_problem(value, low, high=math.inf, low_open=False, high_open=False):
+    """None if ``value`` is a finite number in the interval (bools are not numbers), else what a valid value is."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high):
+        return None
+    if high == math.inf:
+        return f"a finite number {'>' if low_open else '>='} {low}"
+    return f"a finite number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
 def check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    problem = int_problem(value, minimum)
+    if problem:
+        raise ValueError(f"{name} must be {problem}, got {value!r}")
     return value
 
 
 def check_float(name, value, low, high, low_open=False, high_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+    problem = number_problem(value, low, high, low_open, high_open)
+    if problem:
+        raise ValueError(f"{name} must be {problem}, got {value!r}")
     return float(value)
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from ..batchnorm_conversion import is_converted, mark_converted, rebuild_conv, replace_module
 from ..layers import NormActConv2d
 from ..layers._common import outside_compiled_graphs
-from ..norms import NORMS, conv_class_for, conv_kwargs, norm_types, resolve
+from ..norms import NORMS, conv_class_for, conv_kwargs, norm_types, resolve, spec_of
 
 logger = logging.getLogger("d2_smallbn.conversion")
 
@@ -86,14 +86,13 @@ class PerLevelNorm(nn.Module):
 
 
 def _name_of(norm):
+    """The table's name of a norm module (a pending one, or the first of a per-level head norm), or None."""
     if isinstance(norm, PendingNorm):
         return norm.name
     if isinstance(norm, PerLevelNorm):
         return _name_of(norm.norms[0])
-    for name, spec in NORMS.items():
-        if type(norm) is spec.layer:
-            return name
-    return None
+    spec = spec_of(norm)
+    return spec.name if spec else None
 
 
 def _rebuild_conv(conv, cls, norm, activation, s):
