@@ -286,7 +286,14 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
     assert not (out / "runs" / "gn_seed0").exists()
 
 
-def test_study_accuracy_rejects_bad_arguments(tmp_path):
+def test_study_accuracy_rejects_bad_arguments(tmp_path, capsys):
+    """The command refuses each with exit code 2 and the message: the first as a process of its own, the
+    others through its argument parser in this process (argparse's exit is the process's exit code)."""
+    from d2_smallbn.bench.study_accuracy import parse_args
+
+    proc = subprocess.run([*command("study_accuracy"), "--out", str(tmp_path), "--settings", "cbn,batchnorm"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown --settings" in proc.stderr, proc.stderr
     for args, message in ((["--settings", "cbn,batchnorm"], "unknown --settings"),
                           (["--jobs", "0"], "--jobs and --threads must be >= 1"),
                           (["SOLVER.BASE_LR"], "KEY VALUE pairs"),
@@ -294,9 +301,9 @@ def test_study_accuracy_rejects_bad_arguments(tmp_path):
                            "unknown --settings ['bn_16'] for --gpus 2; choose from bn,syncbn,gn,cbn,mabn,bcn_ws,brn"),
                           (["--gpus", "1000"], "processes, but this machine runs at most"),
                           (["--gpus", "0"], "--gpus and --images-per-gpu must be >= 1")):
-        proc = subprocess.run([*command("study_accuracy"), "--out", str(tmp_path), *args],
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["--out", str(tmp_path), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, (args, message)
 
 
 def test_fixed_proposals_cover_ground_truth_and_background():

@@ -18,6 +18,7 @@ import logging
 import pickle
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -357,15 +358,29 @@ def pretrain_dir(pretrained):
     return Path(pretrained["bn"]["checkpoint"]).parent.parent
 
 
-def test_every_study_row_fits_the_backbone_it_converts(pretrained):
+def test_every_study_row_fits_the_backbone_it_converts(pretrained, monkeypatch):
     """Each row of each table: its config and overrides build a model whose backbone the converted
     checkpoint fits (the check that stops a run before training finds nothing), and the row's norms
-    are the ones the table names."""
+    are the ones the table names. The study's first conversion runs as its own process; the others run
+    the same command line through the command's main in this process (saving a process start each)."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     from d2_smallbn.bench import study_pretrained
 
+    processes = []
+
+    def run(cmd, check=False, **kwargs):
+        assert cmd[1:3] == ["-m", "d2_smallbn.weights"], cmd
+        if not processes:
+            processes.append(subprocess.run(cmd, check=check, **kwargs))
+            return processes[-1]
+        code = convert_main(cmd[3:])
+        if check and code:
+            raise subprocess.CalledProcessError(code, cmd)
+        return subprocess.CompletedProcess(cmd, code)
+
+    monkeypatch.setattr(study_pretrained, "subprocess", SimpleNamespace(run=run))
     schedule, _ = study_pretrained.per_gpu_schedule(4, 1, 400)
     for name, make in study_pretrained.TABLES.items():
         for row_name, row in make(400).rows.items():
@@ -383,6 +398,7 @@ def test_every_study_row_fits_the_backbone_it_converts(pretrained):
                 assert heads == {"none": "", "bn": "BN", "syncbn": "naiveSyncBN", "gn": "GN"}.get(row_name, "CBN")
             else:
                 assert cfg.MODEL.RESNETS.NORM == heads and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    assert len(processes) == 1 and processes[0].returncode == 0  # the study's own conversion process ran
 
 
 def test_study_ablation_rows_change_only_their_key():
