@@ -226,14 +226,21 @@ def run_as_user(tmp_path, module, *args, norm_modules=""):
                           text=True, timeout=600)
 
 
-def test_the_benchmarks_measure_it_by_its_name(tmp_path):
+def test_the_benchmarks_measure_it_by_its_name(tmp_path, monkeypatch, capsys):
     """The layer and the model benchmark, commands in processes of their own, measure the toy norm by its
     name once a module of the user's that registers it is named (D2_SMALLBN_NORM_MODULES, --norm-module);
-    without that module the name is refused, naming the remedy."""
+    without that module the name is refused, naming the remedy (checked through the command's parser here,
+    where the toy norm is not registered: exit code 2, as the process's)."""
     import json
 
-    refused = run_as_user(tmp_path, "d2_smallbn.bench.layers", "--norms", "TOYBN", "--out", str(tmp_path))
-    assert refused.returncode == 2 and "no norm 'TOYBN'" in refused.stderr and "--norm-module" in refused.stderr
+    from d2_smallbn.bench import layers
+
+    monkeypatch.delenv("D2_SMALLBN_NORM_MODULES", raising=False)
+    assert "TOYBN" not in NORMS
+    with pytest.raises(SystemExit) as refused:
+        layers.parse_args(["--norms", "TOYBN", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "no norm 'TOYBN'" in err and "--norm-module" in err
 
     out = tmp_path / "layers"
     proc = run_as_user(tmp_path, "d2_smallbn.bench.layers", "--norms", "toybn", "--channels", "16", "--groups", "4",
@@ -379,7 +386,7 @@ def test_convert_weights_reads_checkpoints_of_a_norms_own_layout(power, tmp_path
     assert len(unmapped) == 20 * 4 and all("cannot become BN" in u["reason"] for u in unmapped)
 
 
-def test_the_accuracy_study_trains_it_by_its_name_on_processes(tmp_path):
+def test_the_accuracy_study_trains_it_by_its_name_on_processes(tmp_path, monkeypatch, capsys):
     """The per-GPU accuracy study runs the toy norm by its name: the study and each quickstart run it starts
     (2 processes x 1 image) import the user's module; the run trains the quickstart model with the toy norm
     in backbone, FPN and both heads and records its statistics error. Without the module the name is
@@ -392,9 +399,14 @@ def test_the_accuracy_study_trains_it_by_its_name_on_processes(tmp_path):
     args = ["--gpus", "2", "--iters", "2", "--num-train", "4", "--num-val", "2", "--data-root", str(tmp_path / "data"),
             "--out", str(out), "--seeds", "0", "--settings", "toybn", "INPUT.MIN_SIZE_TRAIN", "(64,)",
             "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
-    refused = run_as_user(tmp_path, "d2_smallbn.bench.study_accuracy", *args)
-    assert refused.returncode == 2 and "unknown --settings ['toybn']" in refused.stderr
-    assert "--norm-module" in refused.stderr
+    from d2_smallbn.bench.study_accuracy import parse_args
+
+    monkeypatch.delenv("D2_SMALLBN_NORM_MODULES", raising=False)
+    assert "TOYBN" not in NORMS
+    with pytest.raises(SystemExit) as refused:  # the command's parser, here where the toy norm is not registered
+        parse_args(args)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "unknown --settings ['toybn']" in err and "--norm-module" in err
 
     proc = run_as_user(tmp_path, "d2_smallbn.bench.study_accuracy", "--norm-module", "toy_norm_module", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
