@@ -28,9 +28,21 @@ logger = logging.getLogger("d2_smallbn.conversion")
 CONVERTED = "_smallbn_converted"
 
 
-def mark_converted(module):
-    """Records on ``module`` that its norms and convs are built: converting it again changes nothing."""
+SETTINGS = "_smallbn_settings"
+
+
+def mark_converted(module, settings=None):
+    """Records on ``module`` that its norms and convs are built: converting it again changes nothing;
+    and ``settings``, the resolved settings they were built with (``d2_smallbn.norms.resolve``), so
+    that what trains the model reads the same values (``converted_settings``)."""
     setattr(module, CONVERTED, True)
+    if settings is not None:
+        setattr(module, SETTINGS, settings)
+
+
+def converted_settings(module):
+    """The resolved settings ``module``'s norms were built with, or None (not converted from settings)."""
+    return getattr(module, SETTINGS, None)
 
 
 def is_converted(module):

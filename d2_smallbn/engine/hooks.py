@@ -19,6 +19,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..batchnorm_conversion import converted_settings
 from ..layers import NormStateDriver
 from ..modeling.conversion import check_converted
 from ..norms import NORMS, Run, driver_update_rate, resolve, short_phases, spec_of
@@ -28,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+def model_settings(model, settings=None):
+    """The settings ``model``'s norms were built with (resolved once, by ``convert_model``); for a
+    model that was not converted from settings, ``settings`` resolved."""
+    return converted_settings(unwrap(model)) or resolve(settings)
 
 
 def layers_by_norm(model, include_frozen=True):
@@ -81,7 +88,7 @@ class SmallBNHook(HookBase):
     """
 
     def __init__(self, settings=None, ims_per_batch=None, dataset_size=None):
-        self.s = resolve(settings)
+        self.settings = settings
         self.batch_keys = {}  # how the batch check names the config's keys
         self.settings_prefix = "MODEL.SMALLBN"
         if ims_per_batch is None and settings is not None and "SOLVER" in settings:
@@ -97,6 +104,7 @@ class SmallBNHook(HookBase):
     def before_train(self):
         model = unwrap(self.trainer.model)
         check_converted(model)
+        self.s = model_settings(model, self.settings)
         check_phases(self.s, model, self.settings_prefix)
         if self.ims_per_batch is not None:
             check_batch_per_gpu(self.s.PAPER_IMS_PER_GPU, self.ims_per_batch, comm.get_world_size(),

@@ -25,7 +25,7 @@ from ..modeling import convert_model
 from ..norms import needs_dataset_size
 from .ddp import create_ddp_model
 from .defaults import setup_smallbn_logger
-from .hooks import SmallBNHook
+from .hooks import SmallBNHook, model_settings
 from .weights_check import checked_initial_weights
 
 logger = logging.getLogger("d2_smallbn")
@@ -56,11 +56,11 @@ def do_test(cfg, model):
     return results
 
 
-def smallbn_hook(cfg):
-    """The per-iteration hook for a LazyConfig (the dataset size only when a norm needs it: CBN's burn-in
-    in epochs)."""
+def smallbn_hook(cfg, model):
+    """The per-iteration hook for a LazyConfig (the dataset size only when a norm of ``model`` needs it:
+    CBN's burn-in in epochs)."""
     hook = SmallBNHook(cfg, ims_per_batch=cfg.dataloader.train.total_batch_size)
-    if needs_dataset_size(hook.s):
+    if needs_dataset_size(model_settings(model, cfg)):
         hook.dataset_size = len(instantiate(cfg.dataloader.train.dataset))
     return hook
 
@@ -77,7 +77,7 @@ def do_train(cfg, resume=False):
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     main = comm.is_main_process()
     trainer.register_hooks([
-        smallbn_hook(cfg),
+        smallbn_hook(cfg, model),
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,

@@ -9,10 +9,10 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from ..data.loading import build_test_loader, build_train_loader
-from ..norms import needs_dataset_size, norm_types, resolve
+from ..norms import needs_dataset_size, norm_types
 from .checkpoint import explain_unreadable_checkpoint
 from .ddp import cpu_safe_ddp
-from .hooks import SmallBNHook
+from .hooks import SmallBNHook, model_settings
 from .weights_check import checked_initial_weights
 
 
@@ -84,7 +84,7 @@ class SmallBNTrainer(DefaultTrainer):
 
     def build_hooks(self):
         dataset_size = None
-        if needs_dataset_size(resolve(self.cfg)):
+        if needs_dataset_size(model_settings(self.model, self.cfg)):
             dataset_size = len(get_detection_dataset_dicts(
                 self.cfg.DATASETS.TRAIN, filter_empty=self.cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
         return [SmallBNHook(self.cfg, dataset_size=dataset_size)] + super().build_hooks()

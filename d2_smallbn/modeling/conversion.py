@@ -182,7 +182,7 @@ def convert_model(model, settings=None, *, base_lr=None, expect_norms=True):
         if expect_norms:
             _warn_nothing_to_convert(model)
         return model
-    mark_converted(model)
+    mark_converted(model, s)
     return model
 
 

@@ -100,3 +100,26 @@ def test_per_level_norms_compile_like_eager():
         for call in range(6):  # two iterations of three levels
             torch.testing.assert_close(compiled(x), eager(x), msg=f"call {call}")
     torch._dynamo.reset()
+
+
+def test_settings_are_resolved_once_and_what_trains_the_model_reads_them():
+    """convert_model keeps the resolved settings it built the norms with; the trainer hook, given other
+    settings or none, reads those (the layers and the hook cannot disagree)."""
+    from types import SimpleNamespace
+
+    from d2_smallbn.engine.hooks import SmallBNHook, model_settings
+
+    cfg = tiny_cfg(backbone="CBN", fpn="CBN", box="CBN", mask="CBN")
+    cfg.MODEL.SMALLBN.CBN.WINDOW_SIZE, cfg.MODEL.SMALLBN.CBN.BURNIN_ITERS = 3, 7
+    model = build_model(cfg)
+    s = model_settings(model)
+    assert s.CBN.WINDOW_SIZE == 3 and s.CBN.BURNIN_ITERS == 7
+    layers = [m for m in model.modules() if type(m).__name__ == "CrossIterationBatchNorm2d"]
+    assert layers and all(m.window_size == 3 and m.burnin_iters == 7 for m in layers)
+    assert model_settings(model, {"CBN": {"WINDOW_SIZE": 9}}) is s  # the model's, not the ones passed
+    hook = SmallBNHook({"CBN": {"WINDOW_SIZE": 9}})
+    hook.trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    hook.before_train()
+    assert hook.s is s
+    plain = torch.nn.Conv2d(3, 3, 1)  # converted from nothing: the settings given, resolved
+    assert model_settings(plain, {"CBN": {"WINDOW_SIZE": 9}}).CBN.WINDOW_SIZE == 9
