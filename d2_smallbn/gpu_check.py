@@ -11,8 +11,10 @@ seconds counted from ``--started`` (a stage that no longer fits is reported as s
     train         each quickstart norm trains for 200 iterations with AMP (in parallel: accuracy, not speed)
     model_b4      tools/benchmark.py at 4 images per step, BN / GN / CBN everywhere (CBN paper, Table 6)
 
-On CPU the same stages run at tiny sizes (the rehearsal). Writes DIR/gpu_check.json, DIR/gpu_check.md
-and DIR/gpu_check_logs.tar.gz (every stage's log and outputs, no checkpoints).
+On CPU the same stages run at tiny sizes (the rehearsal), torch on one thread per process (OMP_NUM_THREADS=1
+unless set; the model benchmark with --threads 1), the quickstart trainings in parallel as on CUDA. Writes
+DIR/gpu_check.json, DIR/gpu_check.md and DIR/gpu_check_logs.tar.gz (every stage's log and outputs, no
+checkpoints).
 """
 import argparse
 import json
@@ -45,9 +47,10 @@ def stages(device, work):
                   path, "-k", select] for i, (path, select) in
                  enumerate((("tests/layers/test_amp.py", "cpu"), ("tests/modeling/test_train.py", "cpu and MABN")))]
         layers = ["--shapes", "24x36", "--channels", "32", "--groups", "8", "--iters", "2", "--warmup", "1"]
-        model_b2 = ["--tiny", "--settings", "frozen_cbn,mabn,bcn_ws", "--iters", "1", "--warmup", "0"]
-        model_b4 = ["--tiny", "--batch", "4", "--settings", "cbn", "--iters", "1", "--warmup", "0"]
-        train = ["--iters", "2"]
+        model_b2 = ["--tiny", "--settings", "frozen_cbn,mabn,bcn_ws", "--iters", "1", "--warmup", "0", "--threads", "1"]
+        model_b4 = ["--tiny", "--batch", "4", "--settings", "cbn", "--iters", "1", "--warmup", "0", "--threads", "1"]
+        train = ["--iters", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST",
+                 "96", "INPUT.MAX_SIZE_TEST", "128"]
     bench = [py, "tools/benchmark.py", "--device", device]
     data = f"{work}/data"
     data_size = [] if cuda else ["--num-train", "4", "--num-val", "2"]
@@ -59,13 +62,14 @@ def stages(device, work):
         "train": (150 if cuda else 600,
                   [[py, "tools/make_dataset.py", "--root", data] + data_size] +
                   [[py, "tools/quickstart.py", "--norm", norm, "--output-dir", f"{work}/train_{norm}", "--data-root",
-                    data, "--no-untrained", "--num-vis", "2"] + data_size + train for norm in QUICKSTART_NORMS], cuda),
+                    data, "--no-untrained", "--num-vis", "2"] + data_size + train for norm in QUICKSTART_NORMS], True),
         "model_b4": (120 if cuda else 300, [bench + ["--out", f"{work}/model_b4"] + model_b4], False),
     }
 
 
-def run_stage(name, limit, commands, parallel, work, log=print):
-    """Runs the commands (all but the first at once with ``parallel``); returns the stage's record."""
+def run_stage(name, limit, commands, parallel, work, log=print, env=None):
+    """Runs the commands (all but the first at once with ``parallel``; in ``env``, default this process's
+    environment); returns the stage's record."""
     start = time.time()
     record = {"limit_s": round(limit), "commands": [" ".join(c) for c in commands], "returncodes": []}
     logs = [open(Path(work) / f"{name}_{i}.log", "w") for i in range(len(commands))]
@@ -73,7 +77,7 @@ def run_stage(name, limit, commands, parallel, work, log=print):
         groups = [commands[:1], commands[1:]] if parallel else [[c] for c in commands]
         offset = 0
         for group in groups:
-            procs = [subprocess.Popen(c, stdout=logs[offset + i], stderr=subprocess.STDOUT)
+            procs = [subprocess.Popen(c, stdout=logs[offset + i], stderr=subprocess.STDOUT, env=env)
                      for i, c in enumerate(group)]
             for proc in procs:
                 try:
@@ -229,12 +233,14 @@ def main(argv=None):
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "budget_s": args.budget,
               "environment": installation(args.device, args.install_seconds), "stages": {}}
+    # the rehearsal's processes share a few cores (and maybe a machine running other tests): one thread each
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if args.device == "cpu" else None
     for name, (limit, commands, parallel) in stages(args.device, str(args.work)).items():
         left = deadline - time.time()
         if left < 20:
             report["stages"][name] = {"status": "skipped (budget)", "limit_s": limit}
             continue
-        report["stages"][name] = run_stage(name, min(limit, left), commands, parallel, args.work)
+        report["stages"][name] = run_stage(name, min(limit, left), commands, parallel, args.work, env=env)
     report["tests"] = junit_summary(args.work)
     for name, file in (("layers", "benchmark_layers.json"), ("model_b2", "benchmark.json"),
                        ("model_b4", "benchmark.json")):
