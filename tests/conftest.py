@@ -4,6 +4,12 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes of its own (commands, multi-process launches, "
+                                       "studies) or trains for seconds: make test runs it, make test-fast "
+                                       "(pytest -m 'not slow') leaves it out")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """d2_smallbn's cache (the record of decoded images) in a folder of this session, for every test

@@ -71,6 +71,7 @@ def test_overrides_of_the_settings_reach_the_instantiated_model():
 
 
 @pytest.mark.parametrize("name", PY_CONFIGS)
+@pytest.mark.slow
 def test_detectron2s_stock_lazyconfig_train_net_trains_our_config(name, tiny_dataset, tmp_path):
     stock = pytest.importorskip("tools.lazyconfig_train_net", reason="detectron2's tools package is not installed")
     cfg = trainable_lazy(name, tiny_dataset, str(tmp_path))

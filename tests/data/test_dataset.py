@@ -385,6 +385,7 @@ def test_invalid_parameters_are_rejected(tmp_path):
 
 # ------------------------------------------------------------------ command line
 
+@pytest.mark.slow
 def test_cli_generates_in_a_subprocess_and_prints_locations(tmp_path):
     env = {**os.environ, "D2_SMALLBN_DATASETS": str(tmp_path / "env")}
     command = [*installed("d2-smallbn-dataset"), "--seed", "3", "--num-train", "4", "--num-val", "2"]
@@ -485,6 +486,7 @@ def test_make_dataset_cli_reports_the_repair(tmp_path, capsys, decode_counter):
     check_coco_dataset(tmp_path / "cli" / "annotations" / "instances_train.json", tmp_path / "cli" / "train")
 
 
+@pytest.mark.slow
 def test_import_registers_the_names_touching_no_file_and_loading_says_how_to_generate(tmp_path):
     code = ("import d2_smallbn\n"
             "from detectron2.data import DatasetCatalog, MetadataCatalog\n"

@@ -50,8 +50,9 @@ from d2_smallbn.layers import (
 from d2_smallbn.layers.brn import BatchRenorm2d
 from processes import free_port
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = [pytest.mark.slow,  # processes of their own (make test-fast leaves it out)
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with the gloo backend is not available")]
 
 WORLD_SIZE = 2
 STEPS = 6

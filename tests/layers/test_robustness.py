@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -126,6 +127,7 @@ def test_fold_handles_plain_batchnorm_and_activation():
         torch.testing.assert_close(fold_conv_norm(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_layers_import_without_detectron2():
     code = ("import sys; sys.modules['detectron2'] = None\n"
             "import d2_smallbn.layers\n"

@@ -277,6 +277,7 @@ def test_importing_the_plugin_patches_only_get_norm_and_build_model():
     assert detectron2.modeling.build_model._smallbn_original is not None
 
 
+@pytest.mark.slow
 def test_model_zoo_does_not_import_the_engine():
     import subprocess
     import sys

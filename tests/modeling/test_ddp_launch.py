@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 from processes import local_url
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = [pytest.mark.slow,  # processes of their own (make test-fast leaves it out)
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with the gloo backend is not available")]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NORMS = ("CBN", "MABN", "BCN")

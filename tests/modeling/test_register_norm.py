@@ -226,6 +226,7 @@ def run_as_user(tmp_path, module, *args, norm_modules=""):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_benchmarks_measure_it_by_its_name(tmp_path, monkeypatch, capsys):
     """The layer and the model benchmark, commands in processes of their own, measure the toy norm by its
     name once a module of the user's that registers it is named (D2_SMALLBN_NORM_MODULES, --norm-module);
@@ -300,6 +301,7 @@ def test_convert_weights_maps_a_torchvision_bn_checkpoint_onto_it(toy, tmp_path)
     assert torch.equal(loaded, torch.load(src)["bn1.running_var"])
 
 
+@pytest.mark.slow
 def test_the_conversion_command_converts_for_it_once_a_module_of_yours_registers_it(tmp_path, monkeypatch, capsys):
     """d2-smallbn-convert-weights, in a process of its own, knows the toy norm by name once a module of the
     user's that registers it is named with --norm-module; without it, --target-norm toybn is refused."""
@@ -386,6 +388,7 @@ def test_convert_weights_reads_checkpoints_of_a_norms_own_layout(power, tmp_path
     assert len(unmapped) == 20 * 4 and all("cannot become BN" in u["reason"] for u in unmapped)
 
 
+@pytest.mark.slow
 def test_the_accuracy_study_trains_it_by_its_name_on_processes(tmp_path, monkeypatch, capsys):
     """The per-GPU accuracy study runs the toy norm by its name: the study and each quickstart run it starts
     (2 processes x 1 image) import the user's module; the run trains the quickstart model with the toy norm

@@ -11,8 +11,9 @@ import torch.distributed as dist
 from torch import nn
 from processes import local_url
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = [pytest.mark.slow,  # processes of their own (make test-fast leaves it out)
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with the gloo backend is not available")]
 G, EPS = 2, 1e-5
 LAYERS = {"first": "1", "second": "4"}
 

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from torch import nn
 from processes import local_url
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = [pytest.mark.slow,  # processes of their own (make test-fast leaves it out)
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with the gloo backend is not available")]
 G, N, STEPS, LR, MOMENTUM = 2, 3, 3, 0.1, 0.9
 
 

@@ -37,6 +37,7 @@ def test_each_quickstart_config_trains_two_iterations(name, tiny_shapes, tmp_pat
     assert len(losses) == 2 and all(0 < v < 100 for v in losses)
 
 
+@pytest.mark.slow
 def test_main_command_writes_every_promised_file(tmp_path):
     out = tmp_path / "out"
     cmd = [*installed("d2-smallbn-quickstart"), "--norm", "cbn", "--iters", "2",

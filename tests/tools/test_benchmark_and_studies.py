@@ -60,6 +60,7 @@ def _check_summary(s):
     assert s["min"] <= s["p25"] <= s["median"] <= s["p75"] <= s["max"]
 
 
+@pytest.mark.slow
 def test_benchmark_tiny(tmp_path):
     out = tmp_path / "bench"
     requested = ["frozen_cbn", "cbn", "mabn", "bcn_ws"]
@@ -151,6 +152,7 @@ def test_benchmark_adds_references_transitively():
     assert bench.norms_of(["frozen_cbn", "bcn_ws", "gn"]) == ["CBN", "BCN"]
 
 
+@pytest.mark.slow
 def test_benchmark_rejects_profiling_an_unmeasured_setting(tmp_path):
     cmd = [*command("benchmark"), "--tiny", "--settings", "mabn", "--profile", "gn",
            "--out", str(tmp_path)]
@@ -177,6 +179,7 @@ def test_benchmarks_name_what_is_wrong_with_a_setting_or_a_norm_module(capsys):
         "cbn": "CBN", "mabn": "MABN", "bcn_ws": "BCN", "brn": "BRN"}
 
 
+@pytest.mark.slow
 def test_study_cbn_fidelity_tiny(tmp_path):
     out = tmp_path / "cbn"
     proc = _run("study_cbn_fidelity", "--tiny", "--out", str(out))
@@ -209,6 +212,7 @@ def test_study_cbn_fidelity_tiny(tmp_path):
     _check_png(out / "cbn_fidelity.png", min_width=1000)
 
 
+@pytest.mark.slow
 def test_study_mabn_premise_tiny(tmp_path):
     out = tmp_path / "mabn"
     proc = _run("study_mabn_premise", "--tiny", "--out", str(out))
@@ -230,6 +234,7 @@ def test_study_mabn_premise_tiny(tmp_path):
     _check_png(out / "mabn_premise.png", min_width=1000)
 
 
+@pytest.mark.slow
 def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "acc"
     common = ["--iters", "2", "--num-train", "4", "--num-val", "2", "--data-root", str(tmp_path / "data"),
@@ -286,6 +291,7 @@ def test_study_accuracy_tiny_runs_resumes_and_reports(tmp_path):
     assert not (out / "runs" / "gn_seed0").exists()
 
 
+@pytest.mark.slow
 def test_study_accuracy_rejects_bad_arguments(tmp_path, capsys):
     """The command refuses each with exit code 2 and the message: the first as a process of its own, the
     others through its argument parser in this process (argparse's exit is the process's exit code)."""
@@ -351,6 +357,7 @@ def test_per_gpu_schedule_follows_the_stated_rules():
     assert per_gpu_schedule(4, 1, 2)[1]["SOLVER.STEPS"]["value"] == ()  # no step at the last iteration
 
 
+@pytest.mark.slow
 def test_study_per_gpu_regime_runs_processes_records_the_statistics_error_and_reruns_an_interrupted_run(tmp_path):
     out = tmp_path / "per_gpu"
     common = ["--gpus", "2", "--iters", "2", "--num-train", "4", "--num-val", "2", "--data-root",

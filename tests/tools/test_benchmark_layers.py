@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMAND = [sys.executable, "-m", "d2_smallbn.bench.layers"]
 
@@ -17,6 +19,7 @@ def _positive_finite(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_benchmark_layers_tiny(tmp_path):
     out = tmp_path / "bench"
     cmd = [*COMMAND, "--channels", "32", "--shapes", "8x8", "--batch", "2",

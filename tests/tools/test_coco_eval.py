@@ -199,6 +199,7 @@ def test_config_lookup_by_bare_file_name(monkeypatch):
     assert row is None and "a/y.yaml" in note and "b/y.yaml" in note
 
 
+@pytest.mark.slow
 def test_cli_with_paper_row_from_any_directory(tmp_path, gt_file):
     from d2_smallbn.paper_results import PAPER_RESULTS, paper_result
 
@@ -283,6 +284,7 @@ def bad_runs(tmp_path_factory, gt_file):
     return runs
 
 
+@pytest.mark.slow
 def test_bad_file_from_the_command_line(tmp_path, gt_file):
     bad = tmp_path / "truncated.json"
     bad.write_text(json.dumps(perfect_dets())[:50])

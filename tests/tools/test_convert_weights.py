@@ -425,6 +425,7 @@ def _run(args, cwd):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_report_and_strict(tmp_path, capsys):
     sd = resnet18_state("bn")
     sd["junk.weight"] = torch.zeros(2)
@@ -487,6 +488,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, what):
     _check_one_line_error(code, captured.out, captured.err, what)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_one_line_exit_2(tmp_path):
     proc = _run(_bad_input_args(tmp_path, "truncated"), cwd=tmp_path)
     _check_one_line_error(proc.returncode, proc.stdout, proc.stderr, "truncated")

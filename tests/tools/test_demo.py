@@ -143,6 +143,7 @@ def test_demo_bad_input_names_the_problem(trained, tmp_path, capsys, case, messa
     assert message in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_demo_command_is_installed(trained, tmp_path):
     root, _, images = trained
     proc = subprocess.run([*installed("d2-smallbn-demo"), "--config-file", CONFIG, "--weights",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a venv, and processes of their own (make test-fast leaves it out)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {"d2-smallbn-train", "d2-smallbn-eval", "d2-smallbn-convert-weights", "d2-smallbn-convert",
             "d2-smallbn-dataset", "d2-smallbn-quickstart", "d2-smallbn-demo"}

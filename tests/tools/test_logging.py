@@ -20,8 +20,9 @@ from d2_smallbn.convert import convert_file
 from d2_smallbn.data import generate_dataset
 from processes import local_url
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = [pytest.mark.slow,  # processes of their own (make test-fast leaves it out)
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with the gloo backend is not available")]
 TINY = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.STEPS", "()",
         "SOLVER.WARMUP_ITERS", "0", "DATASETS.TEST", "()"]
 LINE = r"\[\d\d/\d\d \d\d:\d\d:\d\d\] d2_smallbn\.[\w.]+ (INFO|WARNING): "  # detectron2's file format

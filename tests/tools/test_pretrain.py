@@ -263,6 +263,7 @@ def test_converted_checkpoint_loads_and_frozen_stages_stay_bit_identical(case, p
     assert not torch.equal(pkl["layer4.1.conv2.weight"], model.backbone.bottom_up.res5[1].conv2.weight)  # trained
 
 
+@pytest.mark.slow
 def test_the_installed_command_converts_for_the_frozenbn_setting(pretrained, tmp_path):
     """The command pretrain prints (d2-smallbn-convert-weights) and its alias d2-smallbn-convert write the same."""
     command = pretrained["bn"]["convert"][0]["command"].split()
@@ -358,6 +359,7 @@ def pretrain_dir(pretrained):
     return Path(pretrained["bn"]["checkpoint"]).parent.parent
 
 
+@pytest.mark.slow
 def test_every_study_row_fits_the_backbone_it_converts(pretrained, monkeypatch):
     """Each row of each table: its config and overrides build a model whose backbone the converted
     checkpoint fits (the check that stops a run before training finds nothing), and the row's norms
@@ -422,6 +424,7 @@ def test_study_refuses_a_backbone_that_is_not_pretrained(tmp_path):
     assert f"python -m d2_smallbn.bench.pretrain --variants bn --out {tmp_path}" in str(error.value)
 
 
+@pytest.mark.slow
 def test_study_runs_a_row_on_processes_from_the_converted_backbone_and_reports(pretrained, tmp_path):
     from d2_smallbn.bench import study_pretrained
 

@@ -7,10 +7,12 @@ import os
 import re
 import subprocess
 
+import pytest
 from commands import installed
 
 from d2_smallbn.data import generate_dataset
 
+pytestmark = pytest.mark.slow  # processes of their own (make test-fast leaves it out)
 TINY = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
         "INPUT.MAX_SIZE_TEST", "128", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # an untrained model still predicts something
