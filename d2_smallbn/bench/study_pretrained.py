@@ -43,6 +43,7 @@ from .common import command_line, device_info, int_list, write_json
 from .study_accuracy import (PER_GPU_ITERS, QUICKSTART, collect, execute, finished, per_gpu_schedule, plot,
                              table)
 from ..paper_results import paper_result
+from ..paths import OutputPathError, check_output_paths
 
 
 class Weights(NamedTuple):
@@ -158,6 +159,11 @@ def parse_args(argv=None):
     args.rows = {name: names for name, names in rows.items() if names}  # a table none of --settings is in: not run
     args.tables = {name: args.tables[name] for name in args.rows}
     args.out = args.out or Path(f"output/study_pretrained_{args.gpus}x{args.images_per_gpu}")
+    try:
+        check_output_paths([("--out", str(args.out))], [("--pretrain-dir", str(args.pretrain_dir)),
+                                                         ("--data-root", args.data_root)])
+    except OutputPathError as e:
+        p.error(str(e))
     return args
 
 
@@ -180,8 +186,10 @@ def converted(pretrain_dir, weights):
     target = source.parent / f"R18-{weights.target}.pkl"
     if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
         return target.absolute()
-    if target.exists():  # made from an earlier checkpoint of this folder's pretraining, which is gone
-        target.unlink()
+    if target.exists():  # never removed: it is the user's, and finished runs were trained from it
+        raise SystemExit(f"{target} is older than the checkpoint it converts, {source} (the backbone was pretrained "
+                         "again after it was converted), so runs from it would not be runs from this backbone. Fix: "
+                         f"move {target} away (and the study's finished runs that used it), or pass another --pretrain-dir")
     cmd = [sys.executable, "-m", "d2_smallbn.weights", str(source), str(target), "--target-norm", weights.target,
            "--conv", weights.conv, "--strict"]
     print(" ".join(cmd), flush=True)

@@ -454,3 +454,24 @@ def test_study_runs_a_row_on_processes_from_the_converted_backbone_and_reports(p
     assert study_pretrained.main(argv("cbn_k1,bn", "--report-only")) == 0  # the unfinished row is named
     markdown = (out / "cbn_4a" / "study_accuracy.md").read_text()
     assert "| cbn_k1 | 2 | 1 |" in markdown and "Not finished (not in the table): bn seed 0" in markdown
+
+
+def test_study_never_removes_a_stale_conversion_and_keeps_its_output_apart(pretrained, tmp_path, capsys):
+    """A converted .pkl older than its checkpoint is refused, not replaced; --out may not hold --pretrain-dir."""
+    import os
+
+    from d2_smallbn.bench import study_pretrained
+
+    folder = tmp_path / "pretrain"
+    (folder / "bn").mkdir(parents=True)
+    for name in ("pretrain.json", "model_final_torchvision.pth"):
+        (folder / "bn" / name).write_bytes((pretrain_dir(pretrained) / "bn" / name).read_bytes())
+    stale = folder / "bn" / "R18-frozenbn.pkl"
+    stale.write_bytes(b"made from an earlier checkpoint")
+    os.utime(stale, (1, 1))
+    with pytest.raises(SystemExit, match="is older than the checkpoint it converts"):
+        study_pretrained.converted(folder, study_pretrained.Weights("bn", "frozenbn", "plain"))
+    assert stale.read_bytes() == b"made from an earlier checkpoint"
+    with pytest.raises(SystemExit):
+        study_pretrained.parse_args(["--pretrain-dir", str(folder), "--out", str(tmp_path)])
+    assert "--out" in capsys.readouterr().err
