@@ -225,7 +225,9 @@ def draw_curves(metrics_json, path):
     return path
 
 
-def main(argv=None):
+def main(argv=None, hooks=()):
+    """``hooks``: picklable callables, each called in every process to make one more detectron2 hook
+    for the trainer (e.g. ``functools.partial`` of a hook class): how a study adds an instrument."""
     from detectron2.engine import launch
 
     from .data import default_root, generate_dataset
@@ -248,11 +250,11 @@ def main(argv=None):
     generation = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val),
                                 ("hue_spread", args.hue_spread)) if v is not None}
     generate_dataset(root, **generation)  # once, before any process starts
-    launch(run_job, args.num_gpus, dist_url=args.dist_url, args=(args, root, start))
+    launch(run_job, args.num_gpus, dist_url=args.dist_url, args=(args, root, start, tuple(hooks)))
     return 0
 
 
-def run_job(args, root, start):
+def run_job(args, root, start, hooks=()):
     """Train, evaluate and (main process) write the results: one call per process."""
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
@@ -282,6 +284,7 @@ def run_job(args, root, start):
     trainer = SmallBNTrainer(cfg)
     if comm.get_world_size() > 1:  # each norm's statistics against the whole batch's, in metrics.json
         trainer.register_hooks([StatisticsErrorHook(period=STATS_ERROR_PERIOD)])
+    trainer.register_hooks([make() for make in hooks])
     trainer.resume_or_load(resume=False)
     trainer.train()
     train_seconds = time.time() - start
