@@ -161,3 +161,45 @@ class StatisticsErrorHook(HookBase):
 
     def after_train(self):
         self.probe.remove()
+
+
+@torch.no_grad()
+def eval_statistics_error(model, batches):
+    """How far the statistics each norm normalizes with in eval (its running estimates) are from those
+    of the inputs it sees in eval: per norm with ``running_mean`` and ``running_var`` that uses batch
+    statistics in training, the errors of this module's docstring between those buffers and the
+    per-channel mean and variance of its inputs over all of ``batches`` (the model in eval mode, as
+    evaluation runs it). A norm trained well has errors near 0; a large one means evaluation
+    normalizes with statistics that the trained network does not produce.
+
+    Returns {module name: {"mean": ..., "var": ..., "sqmean": ...}}; the model is left in eval mode."""
+    norms = {name: m for name, m in model.named_modules()
+             if uses_batch_statistics(m) and isinstance(getattr(m, "running_mean", None), torch.Tensor)
+             and isinstance(getattr(m, "running_var", None), torch.Tensor)}
+    sums = {}
+
+    def record(name, module, inputs, output):
+        x = inputs[0]
+        if x.numel() == 0:
+            return
+        x64, dims = x.double(), (0,) + tuple(range(2, x.dim()))
+        total = torch.stack([torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=torch.double),
+                             x64.sum(dims).cpu(), x64.square().sum(dims).cpu()])
+        sums[name] = sums[name] + total if name in sums else total
+
+    handles = [m.register_forward_hook(partial(record, name)) for name, m in norms.items()]
+    try:
+        model.eval()
+        for batch in batches:
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors = {}
+    for name, total in sums.items():
+        module = norms[name]
+        mean_all = total[1] / total[0]
+        var_all = (total[2] / total[0] - mean_all.square()).clamp_min(0.0)
+        errors[name] = relative_errors(module.running_mean.double().cpu(), module.running_var.double().cpu(),
+                                       mean_all, var_all, float(module.eps))
+    return errors

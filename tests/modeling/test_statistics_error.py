@@ -109,3 +109,28 @@ def test_per_process_bn_error_is_the_per_image_deviation(runs):
             assert want["mean"] > 0.01  # the images differ: the agreement is not trivial
             for key in ("mean", "var", "sqmean"):
                 assert error[layer][key] == pytest.approx(want[key], rel=1e-4), (step, layer, key)
+
+
+def test_eval_statistics_error_compares_running_estimates_with_the_inputs_of_evaluation():
+    from d2_smallbn.engine.statistics_error import eval_statistics_error
+    from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d
+
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 2, 5, 5) * 2 + 1 for _ in range(4)]
+    bn = nn.BatchNorm2d(2)
+    cbn_conv = CBNConv2d(2, 2, 1, norm=CrossIterationBatchNorm2d(2, window_size=2))
+    model = nn.Sequential(bn, cbn_conv, nn.GroupNorm(1, 2))  # GN: no running estimates, not measured
+    x = torch.cat(batches)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    shift = torch.tensor([0.5, -0.25])
+    bn.running_mean.copy_(mean + shift * (var + bn.eps).sqrt())  # off by 0.5 and 0.25 sigma
+    bn.running_var.copy_(var * 1.5 - 0.5 * bn.eps)  # (var_used - var) / (var + eps) = 0.5
+    with torch.no_grad():
+        y = cbn_conv._conv_forward(bn.eval()(x), cbn_conv.weight, None)
+    cbn_conv.norm.running_mean.copy_(y.mean((0, 2, 3)))
+    cbn_conv.norm.running_var.copy_(y.var((0, 2, 3), unbiased=False))
+    errors = eval_statistics_error(model, batches)
+    assert set(errors) == {"0", "1.norm"} and not model.training
+    assert errors["0"]["mean"] == pytest.approx(0.375, rel=1e-5)
+    assert errors["0"]["var"] == pytest.approx(0.5, rel=1e-5)
+    assert errors["1.norm"]["mean"] == pytest.approx(0.0, abs=1e-5) and errors["1.norm"]["var"] < 1e-5
