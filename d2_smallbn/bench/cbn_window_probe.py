@@ -18,6 +18,7 @@ own window), against the exact window (current batch plus the stored past inputs
     compensated_mean / compensated_var   mean and variance error of CBN's window (as it normalizes)
     naive_mean / naive_var               the same window uncompensated (rho = 0, "Naive CBN")
     drift                                |W_t - W_oldest| / |W_t| over the window, the conv's weights
+    input_abs_mean / input_std           the channels' mean |mean| and std of the conv's input
 
 (errors as in ``study_cbn_fidelity.errors``: |mu_hat - mu| / sigma and |var_hat - var| / var,
 averaged over channels), and ``global_mean`` / ``global_var``: the statistics error of the layer's
@@ -46,7 +47,13 @@ from ..layers import CrossIterationBatchNorm2d
 # and output conv (input: lateral plus the top-down path), and the same at level 5
 DEFAULT_LAYERS = {"fpn_lateral3": "backbone.fpn_lateral3", "fpn_output3": "backbone.fpn_output3",
                   "fpn_lateral5": "backbone.fpn_lateral5", "fpn_output5": "backbone.fpn_output5"}
-KEYS = ("compensated_mean", "compensated_var", "naive_mean", "naive_var", "drift")
+
+
+def input_scale(x):
+    """How large the conv's input is: the channels' mean |mean| and mean standard deviation (the
+    layers below a CBN conv may be unnormalized, e.g. a FrozenBN backbone)."""
+    mean, sqmean = moments(x)
+    return {"input_abs_mean": mean.abs().mean().item(), "input_std": (sqmean - mean.square()).clamp_min(0).sqrt().mean().item()}
 
 
 class WindowProbe:
@@ -72,7 +79,7 @@ class WindowProbe:
         x = inputs[0].detach()
         self._pending = (x, self.norm._num_stored)
         if self.due:
-            self.last = self.measure(x)
+            self.last = {**input_scale(x), **(self.measure(x) or {})}
             self.due = False
 
     def _after(self, conv, inputs, output):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from d2_smallbn.bench.cbn_window_probe import CBNWindowProbeHook, WindowProbe, main, parse_layers
+from d2_smallbn.bench.cbn_window_probe import CBNWindowProbeHook, WindowProbe, input_scale, main, parse_layers
 from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d, NormStateDriver
 
 
@@ -46,12 +46,15 @@ def test_exact_window_is_bn_over_the_past_inputs_through_the_current_conv():
     stale_mean_error = ((stale.mean((0, 2, 3)) - mean).abs() / sigma).mean().item()
     assert result["naive_mean"] == pytest.approx(stale_mean_error, rel=1e-9)  # measured against BN of the concatenation
     assert result["window"] == 4
+    scale = input_scale(x_now)
+    assert scale["input_abs_mean"] == pytest.approx(x_now.mean((0, 2, 3)).abs().mean().item())
+    assert scale["input_std"] == pytest.approx(x_now.std((0, 2, 3), unbiased=False).mean().item())
 
 
 @pytest.mark.parametrize("lr", [0.5, 2e-4])
 def test_compensation_is_exact_for_the_mean_and_the_naive_window_is_not(lr):
     _, _, results, _ = trained_probe(lr=lr)
-    measured = [r for r in results if r is not None]
+    measured = [r for r in results if "window" in r]
     assert [r["window"] for r in measured] == [2, 3, 4, 4, 4, 4]  # the window grows, then keeps k entries
     for r in measured:
         assert r["compensated_mean"] < 1e-9  # the mean is linear in the weights: exact at any step size
@@ -76,7 +79,7 @@ def test_the_compensated_variance_falls_short_by_the_second_order_term():
 
 def test_unchanged_weights_make_every_window_exact():
     _, _, results, _ = trained_probe(lr=0.0)
-    for r in filter(None, results):
+    for r in (r for r in results if "window" in r):
         assert r["compensated_mean"] < 1e-12 and r["naive_mean"] < 1e-12 and r["compensated_var"] < 1e-12
         assert r["drift"] == 0
 
@@ -110,6 +113,7 @@ def test_the_hook_measures_the_fpn_convs_of_a_detectron2_run(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "cbn_window_probe.json").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [0, 2, 4]
     assert "cbn_window/lateral/compensated_mean" not in lines[0]  # burn-in: no window yet
+    assert lines[0]["cbn_window/lateral/input_std"] > 0 and lines[0]["cbn_window/lateral/input_abs_mean"] > 0
     for r in lines[1:]:
         for label in ("lateral", "output"):
             assert r[f"cbn_window/{label}/compensated_mean"] < 1e-5  # the layers store in float32
