@@ -27,6 +27,7 @@ norm against the whole batch (all processes). Written to the run's metrics.json 
 
 Usage: python -m d2_smallbn.bench.cbn_window_probe [--layers LABEL=MODULE,...] [--period 10]
            QUICKSTART_ARGUMENTS...
+       python -m d2_smallbn.bench.cbn_window_probe --plot RUN_DIR     (draws RUN_DIR/cbn_window_probe.png)
 The quickstart arguments are d2-smallbn-quickstart's (e.g. ``--config-file pretrained/...cbn.yaml
 --num-gpus 4 --output-dir DIR MODEL.WEIGHTS ...``); the run is that run, measured.
 """
@@ -36,10 +37,12 @@ import os
 import sys
 from collections import deque
 from functools import partial
+from pathlib import Path
 
 import torch
 from detectron2.engine import HookBase
 
+from .common import pyplot
 from .study_cbn_fidelity import errors, moments, window_estimate
 from ..layers import CrossIterationBatchNorm2d
 
@@ -196,13 +199,54 @@ def parse_layers(text):
     return layers
 
 
+PANELS = (("global_mean", "mean error vs the whole batch", "log"),
+          ("compensated_mean", "window vs exact window: mean error (compensated -, naive --)", "linear"),
+          ("compensated_var", "window vs exact window: var error (compensated -, naive --)", "log"),
+          ("drift", "|W_t - W_oldest| / |W_t| over the window", "log"),
+          ("input_abs_mean", "conv input: channels' mean |mean|", "log"))
+NAIVE = {"compensated_mean": "naive_mean", "compensated_var": "naive_var"}
+
+
+def plot(folder):
+    """RUN_DIR/cbn_window_probe.png from RUN_DIR/cbn_window_probe.json: one panel per quantity."""
+    path = Path(folder) / "cbn_window_probe.json"
+    if not path.is_file():
+        raise SystemExit(f"cbn_window_probe --plot: {path} is missing; give the folder of a probed run")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    labels = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("cbn_window/")})
+    plt = pyplot()
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7))
+    axes = grid.flat
+    for ax, (key, title, scale) in zip(axes, PANELS):
+        for i, label in enumerate(labels):
+            for name, style in ((key, "-"), (NAIVE.get(key), "--")):
+                points = [(r["iteration"], r[f"cbn_window/{label}/{name}"]) for r in rows
+                          if name and f"cbn_window/{label}/{name}" in r]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i}", label=label if style == "-" else None)
+        ax.set(title=title, xlabel="iteration", yscale=scale)
+        ax.title.set_fontsize(9)
+    grid[0, 0].legend(fontsize=8)
+    grid[1, 2].axis("off")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plot", type=Path, default=None, metavar="RUN_DIR",
+                   help="draw RUN_DIR/cbn_window_probe.png from a probed run's JSON, and train nothing")
     p.add_argument("--layers", type=parse_layers, default=DEFAULT_LAYERS,
                    help="LABEL=MODULE,... CBN convs to probe (default: "
                         + ",".join(f"{k}={v}" for k, v in DEFAULT_LAYERS.items()) + ")")
     p.add_argument("--period", type=int, default=10, help="measure every this many iterations (default 10)")
     args, rest = p.parse_known_args(argv)
+    if args.plot is not None:
+        print(f"Wrote {plot(args.plot)}")
+        return 0
     if args.period < 1:
         p.error(f"--period must be >= 1, got {args.period}")
     from .. import quickstart

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from d2_smallbn.bench.cbn_window_probe import CBNWindowProbeHook, WindowProbe, input_scale, main, parse_layers
+from d2_smallbn.bench.cbn_window_probe import CBNWindowProbeHook, WindowProbe, input_scale, main, parse_layers, plot
 from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d, NormStateDriver
 
 
@@ -121,3 +121,7 @@ def test_the_hook_measures_the_fpn_convs_of_a_detectron2_run(tmp_path):
             assert r[f"cbn_window/{label}/global_mean"] > 1e-4  # one process: the window against its current batch
     for label in ("lateral", "output"):  # burn-in: BN over the only process's batch is the whole batch's
         assert lines[0][f"cbn_window/{label}/global_mean"] == pytest.approx(0.0, abs=1e-6)
+    png = plot(tmp_path)  # one panel per quantity, both layers drawn
+    assert png == tmp_path / "cbn_window_probe.png" and png.stat().st_size > 20_000
+    with pytest.raises(SystemExit, match="cbn_window_probe.json is missing"):
+        plot(tmp_path / "nowhere")
