@@ -50,7 +50,7 @@ def measure_run(folder, data_root, images):
     parts = {}
     for name, errors in per_layer.items():
         parts.setdefault(part_of(name), []).append(errors)
-    summary = {part: {key: statistics.fmean(e[key] for e in rows) for key in ("mean", "var")}
+    summary = {part: {key: statistics.fmean(e[key] for e in rows) for key in ("mean", "var", "input_abs_mean")}
                for part, rows in parts.items()}
     return {"run": str(folder), "images": images, "layers": per_layer, "parts": summary}
 
@@ -68,13 +68,14 @@ def main(argv=None):
     if any(out.resolve() == (r / name).resolve() for r in args.runs for name in ("config.yaml", "model_final.pth")):
         p.error(f"--out {out} is a file of a run; choose another path")
     results = [measure_run(folder, args.data_root, args.images) for folder in args.runs]
-    print("| run | part | norms | mean error | var error |\n|---|---|---|---|---|")
+    print("| run | part | norms | mean error | var error | input: mean abs(mean) |\n|---|---|---|---|---|---|")
     for r in results:
         counts = {}
         for name in r["layers"]:
             counts[part_of(name)] = counts.get(part_of(name), 0) + 1
         for part, e in r["parts"].items():
-            print(f"| {Path(r['run']).name} | {part} | {counts[part]} | {e['mean']:.3f} | {e['var']:.3f} |")
+            print(f"| {Path(r['run']).name} | {part} | {counts[part]} | {e['mean']:.3f} | {e['var']:.3f} | "
+                  f"{e['input_abs_mean']:.3g} |")
     out.write_text(json.dumps({"command": sys.argv, "runs": results}, indent=1))
     print(f"Wrote {out}")
     return 0

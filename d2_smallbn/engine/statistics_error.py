@@ -172,7 +172,9 @@ def eval_statistics_error(model, batches):
     evaluation runs it). A norm trained well has errors near 0; a large one means evaluation
     normalizes with statistics that the trained network does not produce.
 
-    Returns {module name: {"mean": ..., "var": ..., "sqmean": ...}}; the model is left in eval mode."""
+    Returns {module name: {"mean": ..., "var": ..., "sqmean": ..., "input_abs_mean": ..., "input_std": ...}}
+    (the last two: the channels' mean |mean| and standard deviation of the inputs); the model is left in
+    eval mode."""
     norms = {name: m for name, m in model.named_modules()
              if uses_batch_statistics(m) and isinstance(getattr(m, "running_mean", None), torch.Tensor)
              and isinstance(getattr(m, "running_var", None), torch.Tensor)}
@@ -202,4 +204,5 @@ def eval_statistics_error(model, batches):
         var_all = (total[2] / total[0] - mean_all.square()).clamp_min(0.0)
         errors[name] = relative_errors(module.running_mean.double().cpu(), module.running_var.double().cpu(),
                                        mean_all, var_all, float(module.eps))
+        errors[name].update(input_abs_mean=mean_all.abs().mean().item(), input_std=var_all.sqrt().mean().item())
     return errors

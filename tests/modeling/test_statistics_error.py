@@ -134,3 +134,5 @@ def test_eval_statistics_error_compares_running_estimates_with_the_inputs_of_eva
     assert errors["0"]["mean"] == pytest.approx(0.375, rel=1e-5)
     assert errors["0"]["var"] == pytest.approx(0.5, rel=1e-5)
     assert errors["1.norm"]["mean"] == pytest.approx(0.0, abs=1e-5) and errors["1.norm"]["var"] < 1e-5
+    assert errors["0"]["input_abs_mean"] == pytest.approx(mean.abs().mean().item(), rel=1e-5)
+    assert errors["0"]["input_std"] == pytest.approx(var.sqrt().mean().item(), rel=1e-5)
