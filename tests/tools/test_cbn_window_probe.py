@@ -93,6 +93,7 @@ def test_a_conv_without_cbn_and_a_bad_layer_list_are_refused():
         main(["--period", "0"])
 
 
+@pytest.mark.slow
 def test_the_hook_measures_the_fpn_convs_of_a_detectron2_run(tmp_path):
     from d2_smallbn.data import generate_dataset, register_shapes
     from d2_smallbn.engine import SmallBNTrainer
