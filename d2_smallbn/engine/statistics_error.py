@@ -74,10 +74,8 @@ class StatisticsError:
             return
         with torch.no_grad():
             mean, var = normalizing_statistics(module, x, output)
-            x64 = x.double()
-            dims = (0,) + tuple(range(2, x.dim()))
-            sums = torch.stack([torch.full_like(mean, x.numel() / x.shape[1]), x64.sum(dims), x64.square().sum(dims)])
-        self._records[label] = {"sums": sums.cpu(), "mean": mean.double().cpu(), "var": var.double().cpu(),
+            sums = channel_sums(x)
+        self._records[label] = {"sums": sums, "mean": mean.double().cpu(), "var": var.double().cpu(),
                                 "eps": float(module.eps)}
 
     def measure(self):
@@ -87,9 +85,7 @@ class StatisticsError:
         for label in self.layers:
             if not all(label in r for r in gathered):
                 continue
-            totals = sum(r[label]["sums"] for r in gathered)
-            mean_all = totals[1] / totals[0]
-            var_all = (totals[2] / totals[0] - mean_all.square()).clamp_min(0.0)
+            mean_all, var_all = pooled_mean_var(sum(r[label]["sums"] for r in gathered))
             per_process = [relative_errors(r[label]["mean"], r[label]["var"], mean_all, var_all, r[label]["eps"])
                            for r in gathered]
             errors[label] = {key: sum(e[key] for e in per_process) / len(per_process) for key in ERRORS}
@@ -99,6 +95,20 @@ class StatisticsError:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def channel_sums(x):
+    """[3, C] float64 on the CPU: per channel of ``x`` the count, sum and sum of squares over all other
+    dimensions; sums of several of them pool their inputs (``pooled_mean_var``)."""
+    x64, dims = x.detach().double(), (0,) + tuple(range(2, x.dim()))
+    count = torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=torch.double, device=x.device)
+    return torch.stack([count, x64.sum(dims), x64.square().sum(dims)]).cpu()
+
+
+def pooled_mean_var(sums):
+    """Per-channel mean and (biased) variance of the inputs whose ``channel_sums`` add up to ``sums``."""
+    mean = sums[1] / sums[0]
+    return mean, (sums[2] / sums[0] - mean.square()).clamp_min(0.0)
 
 
 def relative_errors(mean, var, mean_all, var_all, eps):
@@ -184,9 +194,7 @@ def eval_statistics_error(model, batches):
         x = inputs[0]
         if x.numel() == 0:
             return
-        x64, dims = x.double(), (0,) + tuple(range(2, x.dim()))
-        total = torch.stack([torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=torch.double),
-                             x64.sum(dims).cpu(), x64.square().sum(dims).cpu()])
+        total = channel_sums(x)
         sums[name] = sums[name] + total if name in sums else total
 
     handles = [m.register_forward_hook(partial(record, name)) for name, m in norms.items()]
@@ -200,8 +208,7 @@ def eval_statistics_error(model, batches):
     errors = {}
     for name, total in sums.items():
         module = norms[name]
-        mean_all = total[1] / total[0]
-        var_all = (total[2] / total[0] - mean_all.square()).clamp_min(0.0)
+        mean_all, var_all = pooled_mean_var(total)
         errors[name] = relative_errors(module.running_mean.double().cpu(), module.running_var.double().cpu(),
                                        mean_all, var_all, float(module.eps))
         errors[name].update(input_abs_mean=mean_all.abs().mean().item(), input_std=var_all.sqrt().mean().item())
