@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from conftest import build_layer
+from layer_blocks import build_layer
 
 STEPS = 6
 SCALES = [2.0 ** 12] * 3 + [2.0 ** 7] * 3  # the loss scale drops mid-run, inside MABN's Psi window

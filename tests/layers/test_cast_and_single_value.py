@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 
-from conftest import KINDS, build_layer
+from layer_blocks import KINDS, build_layer
 from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,
                                GroupNormPerGroupAffine, MovingAverageBatchNorm2d, WSConv2d, fold_conv_norm,
                                standardize_weight)

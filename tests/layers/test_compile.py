@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import build_layer
+from layer_blocks import build_layer
 from d2_smallbn.layers import NormStateDriver
 
 STEPS = 6  # build_layer's small settings put every phase change of every layer within 6 iterations

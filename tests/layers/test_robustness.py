@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_layer
+from layer_blocks import build_layer
 from d2_smallbn.layers import fold_conv_norm
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import build_layer
+from layer_blocks import build_layer
 from d2_smallbn.layers import CenteredConv2d, GroupNormPerGroupAffine, WSConv2d, fold_conv_norm
 
 ADVICE = r"torch\.jit\.script does not support {}: .*fold_conv_norm.*torch\.jit\.trace or torch\.onnx\.export"

@@ -8,7 +8,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, get_norm
 from detectron2.modeling import build_model
 
-from conftest import tiny_cfg
+from tiny_detector import tiny_cfg
 from d2_smallbn.config import check_smallbn_config
 from d2_smallbn.engine import optimizer_param_groups
 from d2_smallbn.layers import (BatchChannelNorm2d, CBNConv2d, CenteredConv2d, CrossIterationBatchNorm2d,

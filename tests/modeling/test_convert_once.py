@@ -10,7 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import build_model
 
-from conftest import tiny_cfg
+from tiny_detector import tiny_cfg
 from d2_smallbn.layers import CenteredConv2d, NormActConv2d
 from d2_smallbn.layers.brn import BatchRenorm2d
 from d2_smallbn.modeling import PerLevelNorm, convert_model

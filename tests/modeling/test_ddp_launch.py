@@ -1,6 +1,6 @@
 """End-to-end two-process training with detectron2's ``launch`` on CPU (gloo) and ``SmallBNTrainer``.
 
-One ``launch`` of two processes trains the tiny Mask R-CNN R18-FPN of ``conftest.tiny_cfg`` for a
+One ``launch`` of two processes trains the tiny Mask R-CNN R18-FPN of ``tiny_detector.tiny_cfg`` for a
 few iterations with each norm in turn (CBN, MABN, BCN in the backbone, FPN, box head and mask
 head): starting the processes costs far more than the training. SOLVER.IMS_PER_BATCH = 4, so
 every process gets 2 images per iteration; detectron2's TrainingSampler shards one shared
@@ -24,15 +24,15 @@ The trainer wraps the model in DDP with ``broadcast_buffers=False`` (through d2_
 Results come back from the workers through ``torch.save`` files.
 """
 import datetime
-import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+from generated_images import make_images
 from processes import local_url
+from tiny_detector import register, tiny_cfg
 
 pytestmark = [pytest.mark.slow,  # processes of their own (make test-fast leaves it out)
               pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -50,18 +50,6 @@ STAT_KEYS = {"CBN": ("running_mean", "running_var"), "MABN": ("running_sqmean",)
 # Normed convs per part of the tiny model (R18: stem + 16 + 3 shortcuts; FPN: 4 lateral + 4 output;
 # 4conv1fc box head; 4-conv mask head), as tests/modeling/test_build.py counts them.
 PARTS = {"backbone.bottom_up.": 20, "backbone.fpn_": 8, "roi_heads.box_head.": 4, "roi_heads.mask_head.": 4}
-
-
-def _helpers():
-    """tests/modeling/conftest.py loaded by path under a unique name: the spawned workers must find
-    it whatever the import mode and whichever other ``conftest`` module pytest has loaded."""
-    name = "_d2_smallbn_modeling_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "conftest.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 class _RecordImageIds:
@@ -85,10 +73,9 @@ def _train_one(norm, records, workdir):
     from d2_smallbn.engine import SmallBNTrainer
     from d2_smallbn.norms import NORM_TYPES as SMALLBN_NORM_TYPES
 
-    helpers = _helpers()
     rank = comm.get_rank()
-    helpers.register(DATASET, records)
-    cfg = helpers.tiny_cfg(backbone=norm, fpn=norm, box=norm, mask=norm, dataset=DATASET, iters=ITERS,
+    register(DATASET, records)
+    cfg = tiny_cfg(backbone=norm, fpn=norm, box=norm, mask=norm, dataset=DATASET, iters=ITERS,
                            output_dir=os.path.join(workdir, f"out_{norm}"))
     cfg.SOLVER.IMS_PER_BATCH = IMS_PER_BATCH
 
@@ -160,7 +147,7 @@ def launched(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ddp_launch")
     images = workdir / "images"
     images.mkdir()
-    records = _helpers().make_images(str(images), count=NUM_IMAGES)
+    records = make_images(str(images), count=NUM_IMAGES)
     launch(worker, num_gpus_per_machine=WORLD_SIZE, dist_url=local_url(),
            args=(records, str(workdir), NORMS), timeout=datetime.timedelta(minutes=5))
     results = {}

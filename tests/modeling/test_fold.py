@@ -5,7 +5,7 @@ import torch
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
 
-from conftest import tiny_cfg
+from tiny_detector import tiny_cfg
 from d2_smallbn.layers import NormActConv2d
 from d2_smallbn.layers import NormStateDriver
 from d2_smallbn.modeling import fold_model

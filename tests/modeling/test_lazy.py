@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
 import d2_smallbn
-from conftest import tiny_cfg
+from tiny_detector import tiny_cfg
 from d2_smallbn.engine import SmallBNTrainer
 from d2_smallbn.engine.lazy import do_train
 from d2_smallbn.layers import CBNConv2d, CrossIterationBatchNorm2d, NormStateDriver

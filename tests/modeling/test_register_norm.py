@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import tiny_cfg
+from tiny_detector import tiny_cfg
 from torch import nn
 
 import d2_smallbn

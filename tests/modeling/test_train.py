@@ -8,7 +8,8 @@ import torch
 from detectron2.data import DatasetMapper
 from detectron2.engine import HookBase
 
-from conftest import make_images, register, tiny_cfg
+from generated_images import make_images
+from tiny_detector import register, tiny_cfg
 from d2_smallbn.engine import SmallBNTrainer
 from d2_smallbn.layers import BatchChannelNorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from d2_smallbn.layers._common import StepCounter
