@@ -78,6 +78,23 @@ def check_batch_per_gpu(paper_ims_per_gpu, ims_per_batch, world_size, batch_key=
     return True
 
 
+def check_precise_bn(settings, model):
+    """Raises when a yacs config asks for detectron2's PreciseBN and the model trains any of the
+    table's norms: that hook recomputes torch BatchNorm statistics only, so these norms would keep
+    their training estimates while the setting reads as applied."""
+    test = settings.get("TEST") if isinstance(settings, dict) else None
+    if not (test and test.get("PRECISE_BN") and test.PRECISE_BN.get("ENABLED")):
+        return
+    trained = layers_by_norm(model, include_frozen=False)
+    if trained:
+        found = ", ".join(f"{len(layers)} {name}" for name, layers in sorted(trained.items()))
+        raise ValueError(
+            f"TEST.PRECISE_BN.ENABLED is True, but detectron2's PreciseBN recomputes only torch BatchNorm "
+            f"statistics, and this model trains {found} norm layers: they would keep their training "
+            f"estimates. These norms evaluate with the running estimates they keep in training, as their "
+            f"papers do. Fix: set TEST.PRECISE_BN.ENABLED False.")
+
+
 class SmallBNHook(HookBase):
     """``SmallBNHook(settings, ims_per_batch=None, dataset_size=None)``.
 
@@ -104,6 +121,7 @@ class SmallBNHook(HookBase):
     def before_train(self):
         model = unwrap(self.trainer.model)
         check_converted(model)
+        check_precise_bn(self.settings, model)
         self.s = model_settings(model, self.settings)
         check_phases(self.s, model, self.settings_prefix)
         if self.ims_per_batch is not None:

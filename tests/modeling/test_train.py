@@ -151,6 +151,26 @@ def test_warns_when_images_per_process_differ_from_the_paper(tiny_dataset, tmp_p
     assert any(isinstance(m, MovingAverageBatchNorm2d) for m in trainer.model.modules())
 
 
+@pytest.mark.parametrize("fpn", ["CBN", "MABN", "BCN"])
+def test_precise_bn_is_refused_for_the_norms_it_would_skip(fpn, tiny_dataset, tmp_path):
+    cfg = tiny_cfg(backbone="FrozenBN", fpn=fpn, iters=1, output_dir=str(tmp_path))
+    cfg.TEST.PRECISE_BN.ENABLED = True
+    trainer, rec = make_trainer(cfg, tiny_dataset)
+    with pytest.raises(ValueError, match=rf"TEST.PRECISE_BN.ENABLED.*trains 8 {fpn} norm layers.*Fix: set "
+                                         r"TEST.PRECISE_BN.ENABLED False"):
+        trainer.train()
+    assert rec.losses == []  # refused before the first step
+
+
+def test_precise_bn_stays_available_to_a_torch_bn_model(tiny_dataset, tmp_path):
+    cfg = tiny_cfg(backbone="FrozenBN", fpn="BN", iters=1, output_dir=str(tmp_path))
+    cfg.TEST.PRECISE_BN.ENABLED = True
+    trainer, rec = make_trainer(cfg, tiny_dataset)
+    trainer.train()
+    assert len(rec.losses) == 1
+    assert any(type(h).__name__ == "PreciseBN" for h in trainer._hooks)
+
+
 def test_fixed_bcn_update_rate_is_kept_through_warmup(tiny_dataset, tmp_path):
     cfg = tiny_cfg(backbone="MABN", box="BCN", iters=2, output_dir=str(tmp_path))
     cfg.MODEL.SMALLBN.BCN.UPDATE_RATE_MODE, cfg.MODEL.SMALLBN.BCN.UPDATE_RATE = "fixed", 0.05
